@@ -1,0 +1,15 @@
+"""Node registry: every node class of the pack, keyed by its permanent id."""
+from .comfy_bridge import log
+
+# One import per node module; each module lists its classes in NODE_CLASSES.
+_NODE_CLASSES: list[type] = []
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+for _cls in _NODE_CLASSES:
+    if _cls.NODE_ID in NODE_CLASS_MAPPINGS:
+        raise RuntimeError(f"USO: two node classes share the id {_cls.NODE_ID}")
+    NODE_CLASS_MAPPINGS[_cls.NODE_ID] = _cls
+    NODE_DISPLAY_NAME_MAPPINGS[_cls.NODE_ID] = _cls.DISPLAY_NAME
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "log"]
