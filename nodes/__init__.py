@@ -1,8 +1,10 @@
 """Node registry: every node class of the pack, keyed by its permanent id."""
 from .comfy_bridge import log
+from .remote_node import NODE_CLASSES as _remote_nodes
 
 # One import per node module; each module lists its classes in NODE_CLASSES.
 _NODE_CLASSES: list[type] = []
+_NODE_CLASSES += _remote_nodes
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -1,0 +1,126 @@
+"""IMAGE frames -> data URIs the providers accept, and result images -> RGB PIL images."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from ..image_convert import image_batch_to_pils
+from .errors import InputProblem, ProviderError
+
+MAX_PIXELS = 2048 * 2048  # the cap ComfyUI's own API nodes use before uploading
+MAX_ENCODED_BYTES = 2_000_000  # data URIs break at a few MB on fal's side; stay well under
+JPEG_QUALITY = 95
+
+
+def frames(image, input_name: str) -> list[Image.Image]:
+    """RGB PIL images, one per batch element of an IMAGE input."""
+    try:
+        return image_batch_to_pils(image, input_name)
+    except (TypeError, ValueError) as exc:
+        raise InputProblem(str(exc)) from None
+
+
+def fit_pixels(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    w, h = img.size
+    if w * h <= max_pixels:
+        return img
+    scale = math.sqrt(max_pixels / (w * h))
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    return img.resize(size, Image.LANCZOS)
+
+
+def encode_for_upload(img: Image.Image, max_bytes: int = MAX_ENCODED_BYTES) -> tuple[bytes, str]:
+    """(bytes, mime): PNG when it fits in max_bytes, else JPEG q95, shrunk until it fits."""
+    img = fit_pixels(img.convert("RGB"))
+    png = _save(img, "PNG")
+    if len(png) <= max_bytes:
+        return png, "image/png"
+    while True:
+        jpeg = _save(img, "JPEG", quality=JPEG_QUALITY)
+        if len(jpeg) <= max_bytes or min(img.size) <= 64:
+            return jpeg, "image/jpeg"
+        scale = math.sqrt(max_bytes / len(jpeg)) * 0.95
+        img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.LANCZOS)
+
+
+def to_data_uri(img: Image.Image, max_bytes: int = MAX_ENCODED_BYTES) -> str:
+    data, mime = encode_for_upload(img, max_bytes)
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def decode_data_uri(uri: str) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.startswith("data:"):
+        raise ValueError("not a data URI")
+    if header.endswith(";base64"):
+        return base64.b64decode(payload, validate=False)
+    raise ValueError("data URI is not base64-encoded")
+
+
+def item_bytes(item: object, download: Callable[[str], bytes]) -> bytes:
+    """The bytes of one result entry: {url} (http(s) or data:), {b64_json} or {file_data}."""
+    if isinstance(item, str):
+        item = {"url": item}
+    if not isinstance(item, dict):
+        raise ValueError("the result entry is not an object")
+    for field in ("b64_json", "file_data"):
+        if isinstance(item.get(field), str) and item[field]:
+            try:
+                return base64.b64decode(item[field], validate=False)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"'{field}' is not valid base64") from None
+    url = item.get("url")
+    if not isinstance(url, str) or not url:
+        raise ValueError("the result entry has no url, b64_json or file_data")
+    if url.startswith("data:"):
+        try:
+            return decode_data_uri(url)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"its data URI cannot be decoded ({exc})") from None
+    if not url.lower().startswith(("https://", "http://")):
+        raise ValueError(f"its url has an unsupported scheme ({url.split(':', 1)[0]}:)")
+    return download(url)
+
+
+def to_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
+
+
+def decode_results(items: list, download: Callable[[str], bytes], provider: str,
+                   request_id: str | None) -> tuple[list[Image.Image], list[str]]:
+    """RGB images of one size (later ones resized to the first, with a warning) and warnings."""
+    rid = f" (request_id={request_id})" if request_id else ""
+    images: list[Image.Image] = []
+    warnings: list[str] = []
+    for i, item in enumerate(items):
+        try:
+            images.append(to_rgb(item_bytes(item, download)))
+        except (ValueError, OSError, Image.DecompressionBombError) as exc:
+            raise ProviderError(f"{provider}: result image {i + 1} of {len(items)} could not be read: "
+                                f"{exc}{rid}. Run again; if it repeats, report it to {provider}.") from None
+    if images:
+        size = images[0].size
+        for i, img in enumerate(images[1:], start=2):
+            if img.size != size:
+                warnings.append(f"result image {i} is {img.width}x{img.height}, image 1 is "
+                                f"{size[0]}x{size[1]}; resized it to fit one IMAGE batch")
+                images[i - 1] = img.resize(size, Image.LANCZOS)
+    return images, warnings
