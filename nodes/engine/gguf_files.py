@@ -1,0 +1,82 @@
+"""GGUF transformer files (city96-style FLUX quantisations), read with the `gguf` package.
+
+Quantised tensors come back as diffusers' GGUFParameter, so they stay quantised in memory and
+diffusers' GGUFLinear dequantises them layer by layer at run time.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .errors import ModelFileError
+from .weight_files import TensorInfo, WeightSource
+
+_PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16}
+
+
+class GGUFSource(WeightSource):
+    def __init__(self, path: str, reader):
+        self._reader = reader
+        self._tensors = {t.name: t for t in reader.tensors}
+        infos = {}
+        for name, t in self._tensors.items():
+            kind = t.tensor_type.name
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            infos[name] = TensorInfo(shape, _PLAIN_TYPES.get(kind, kind))
+        super().__init__(path=path, infos=infos, metadata=_string_fields(reader))
+
+    def get(self, key: str) -> torch.Tensor:
+        from diffusers.quantizers.gguf.utils import GGUFParameter
+
+        t = self._tensors[key]
+        data = torch.from_numpy(t.data.copy())
+        if t.tensor_type.name in _PLAIN_TYPES:
+            return data
+        return GGUFParameter(data, quant_type=t.tensor_type)
+
+
+def _string_fields(reader) -> dict[str, str]:
+    out = {}
+    for name, fld in reader.fields.items():
+        try:
+            value = fld.contents()
+        except Exception:
+            continue
+        if isinstance(value, str):
+            key = name.split(".", 1)[1] if name.startswith("comfyui_uso.") else name
+            out[key] = value
+    return out
+
+
+def open_gguf(path: str) -> WeightSource:
+    name = os.path.basename(path)
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise ModelFileError(
+            f"{name}: GGUF files need the 'gguf' package. Install it into ComfyUI's Python with "
+            "`pip install gguf`, or pick a .safetensors transformer.") from exc
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:
+        raise ModelFileError(f"{name}: cannot be read as GGUF ({exc}). The file may be truncated; "
+                             "download it again.") from exc
+    source = GGUFSource(path, reader)
+    if "config" in source.metadata:
+        try:
+            json.loads(source.metadata["config"])
+        except json.JSONDecodeError:
+            source.metadata.pop("config")
+    return source
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "quant_type")
+
+
+def dequantize(tensor: torch.Tensor) -> torch.Tensor:
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    return dequantize_gguf_tensor(tensor) if is_quantized(tensor) else tensor

@@ -1,0 +1,325 @@
+"""Build each model on the meta device and fill it from its file with `assign=True`.
+
+Tensors are read one at a time, converted and cast on the way, so peak RAM stays near one copy
+of the weights. Every loader accepts the layouts listed in the parity spec (§4).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import architecture, convert, detect
+from .errors import ModelFileError
+from .gguf_files import is_quantized
+from .projector import StyleProjector
+from .scaled_fp8 import dequantized
+from .weight_files import WeightSource, open_weights
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass
+class Component:
+    """Where one model comes from: a file (or folder) and, for all-in-one files, a key prefix."""
+
+    path: str
+    prefix: str = ""
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path.rstrip("/\\"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic meta-device build + assign
+# ---------------------------------------------------------------------------------------------
+
+def _materialize(model: nn.Module, state: dict[str, torch.Tensor], what: str, name: str,
+                 optional_prefixes: tuple[str, ...] = ()) -> nn.Module:
+    expected = model.state_dict()
+    unexpected = [k for k in state if k not in expected]
+    state = {k: v for k, v in state.items() if k in expected}
+    for key, tensor in state.items():
+        want = tuple(expected[key].shape)
+        have = tuple(tensor.shape) if not is_quantized(tensor) else tuple(tensor.quant_shape)
+        if want != have:
+            raise ModelFileError(f"{what}: '{name}' has {key} of shape {list(have)} where "
+                                 f"{list(want)} was expected; the file does not match its "
+                                 "architecture (a different model, or a damaged file).")
+    missing = [k for k in expected if k not in state and not k.startswith(optional_prefixes)]
+    if missing:
+        raise ModelFileError(f"{what}: '{name}' lacks {len(missing)} weights (e.g. "
+                             f"{', '.join(missing[:3])}); it is incomplete or not {what}.")
+    if unexpected and len(unexpected) > len(expected) // 2:
+        raise ModelFileError(f"{what}: '{name}' holds many weights that {what} does not have (e.g. "
+                             f"{', '.join(unexpected[:3])}); it is a different model.")
+    quantized = {k: v for k, v in state.items() if is_quantized(v)}
+    model.load_state_dict({k: v for k, v in state.items() if k not in quantized},
+                          strict=False, assign=True)
+    for key, tensor in quantized.items():
+        # load_state_dict compares the packed byte shape with the logical one; set directly.
+        owner_name, _, param_name = key.rpartition(".")
+        setattr(model.get_submodule(owner_name), param_name, tensor)
+    _fill_meta_buffers(model)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise ModelFileError(f"{what}: '{name}' left {len(leftover)} weights unset "
+                             f"(e.g. {leftover[0]}).")
+    return model.eval().requires_grad_(False)
+
+
+def _fill_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (position ids) are not in files; recreate them after assign."""
+    for module_name, module in model.named_modules():
+        for buf_name, buf in list(module.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if buf_name == "position_ids":
+                module.register_buffer(buf_name, torch.arange(buf.shape[-1]).expand(buf.shape),
+                                       persistent=False)
+            else:
+                raise ModelFileError(f"internal: buffer {module_name}.{buf_name} cannot be rebuilt")
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if is_quantized(tensor):
+        return tensor
+    if tensor.dtype == dtype or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+def _source(component: Component) -> WeightSource:
+    source = open_weights(component.path)
+    if component.prefix:
+        source = source.with_prefix(component.prefix)
+    return dequantized(source)
+
+
+def _strip_to_model_keys(key: str, model_keys: set[str], prefixes: tuple[str, ...]) -> str:
+    """Map a file key onto the model's naming, whichever of the known prefixes either side uses."""
+    if key in model_keys:
+        return key
+    for prefix in prefixes:
+        if key.startswith(prefix) and key[len(prefix):] in model_keys:
+            return key[len(prefix):]
+        if prefix + key in model_keys:
+            return prefix + key
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer
+# ---------------------------------------------------------------------------------------------
+
+#: Modules kept in the compute dtype when the transformer is stored in fp8: tiny, precision-
+#: critical, or per-call LoRA weights. Unlike diffusers' defaults, the AdaLN modulation Linears
+#: (`norm*.linear`, 3.2 B of 11.9 B parameters) are stored in fp8 too.
+FP8_SKIP_PATTERNS = (r"pos_embed", r"norm_q$", r"norm_k$", r"norm_added_q$", r"norm_added_k$",
+                     r"^proj_out$", r"^x_embedder$", r"^context_embedder$", r"time_text_embed")
+
+
+def fp8_storable(module_name: str) -> bool:
+    return not any(re.search(p, module_name) for p in FP8_SKIP_PATTERNS)
+
+
+def transformer_component(path: str) -> tuple[Component, str]:
+    """Resolve a transformer choice (file, all-in-one checkpoint, diffusers folder) and its layout."""
+    if os.path.isdir(path):
+        sub = os.path.join(path, "transformer")
+        folder = sub if os.path.isdir(sub) else path
+        return Component(folder), "diffusers"
+    source = open_weights(path)
+    kind = detect.require_kind(source, "transformer", ("flux_bfl", "flux_diffusers", "checkpoint_aio"))
+    if kind == "checkpoint_aio":
+        return Component(path, detect.AIO_TRANSFORMER_PREFIX), "bfl"
+    return Component(path), "bfl" if kind == "flux_bfl" else "diffusers"
+
+
+def load_transformer(path: str, compute_dtype: torch.dtype, fp8_storage: bool = False):
+    """A FluxTransformer2DModel. With fp8_storage, Linear weights are kept in float8_e4m3fn
+    (fp8 files stay as they are) for layerwise casting to `compute_dtype`."""
+    from diffusers import FluxTransformer2DModel
+
+    component, layout = transformer_component(path)
+    source = _source(component)
+    if os.path.isdir(component.path):
+        detect.require_kind(source, "transformer", ("flux_diffusers",))
+    stored = source.config("transformer")
+    cfg = architecture.flux_config(source, layout, stored)
+    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**cfg)
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and fp8_storable(n)}
+
+    def target_dtype(key: str, tensor: torch.Tensor) -> torch.dtype:
+        if fp8_storage and key in linear_weights:
+            return tensor.dtype if tensor.dtype in FP8_DTYPES else torch.float8_e4m3fn
+        return compute_dtype
+
+    unknown: list[str] = []
+    if layout == "bfl":
+        items = convert.converted_items(source, lambda k: convert.flux_bfl_to_diffusers(k, hidden),
+                                        unknown.append)
+    else:
+        items = ((k, source.get(k)) for k in source.keys())
+    state = {k: _cast(t, target_dtype(k, t)) for k, t in items}
+    source.close()
+    if any(is_quantized(t) for t in state.values()):
+        _use_gguf_linears(model, state, compute_dtype)
+    return _materialize(model, state, "transformer", component.name), cfg
+
+
+def _use_gguf_linears(model: nn.Module, state: dict, compute_dtype: torch.dtype) -> None:
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and is_quantized(state.get(f"{full}.weight", torch.empty(0))):
+                with torch.device("meta"):
+                    replacement = GGUFLinear(child.in_features, child.out_features,
+                                             child.bias is not None, compute_dtype=compute_dtype)
+                replacement.requires_grad_(False)
+                setattr(module, child_name, replacement)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoencoder
+# ---------------------------------------------------------------------------------------------
+
+def vae_component(path: str) -> Component:
+    if os.path.isdir(path):
+        sub = os.path.join(path, "vae")
+        return Component(sub if os.path.isdir(sub) else path)
+    return Component(path)
+
+
+def load_vae(component: Component, dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKL
+
+    source = _source(component)
+    kind = detect.require_kind(source, "vae", ("flux_ae_bfl", "flux_ae_diffusers"))
+    layout = "bfl" if kind == "flux_ae_bfl" else "diffusers"
+    cfg = architecture.vae_config(source, layout, source.config("vae"))
+    with torch.device("meta"):
+        model = AutoencoderKL(**cfg)
+    if layout == "bfl":
+        n_up = convert.count_vae_up_blocks(source.keys())
+        items = convert.converted_items(source, lambda k: [convert.vae_bfl_to_diffusers(k, n_up)])
+    else:
+        items = ((k, source.get(k)) for k in source.keys())
+    state = {k: _cast(t, dtype) for k, t in items}
+    source.close()
+    return _materialize(model, state, "vae", component.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders
+# ---------------------------------------------------------------------------------------------
+
+def load_t5(component: Component, dtype: torch.dtype):
+    from transformers import T5Config, T5EncoderModel
+
+    source = _source(component)
+    detect.require_kind(source, "t5", ("t5",))
+    cfg = architecture.t5_config(source, source.config("t5"))
+    cfg.pop("model_type", None)
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**cfg))
+    model_keys = set(model.state_dict())
+    state = {}
+    for key in source.keys():
+        mapped = _strip_to_model_keys(key, model_keys, ("transformer.",))
+        state[mapped] = _cast(source.get(key), dtype)
+    # shared.weight and encoder.embed_tokens.weight are one tensor; files hold either name.
+    for a, b in (("shared.weight", "encoder.embed_tokens.weight"),
+                 ("encoder.embed_tokens.weight", "shared.weight")):
+        if a in state and b not in state and b in model_keys:
+            state[b] = state[a]
+    source.close()
+    return _materialize(model, state, "t5", component.name)
+
+
+def load_clip(component: Component, dtype: torch.dtype):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    source = _source(component)
+    detect.require_kind(source, "clip_l", ("clip_l",))
+    cfg = architecture.clip_config(source, source.config("clip_l"))
+    cfg.pop("model_type", None)
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(**cfg))
+    model_keys = set(model.state_dict())
+    state = {}
+    for key in source.keys():
+        mapped = _strip_to_model_keys(key, model_keys, ("text_model.",))
+        if mapped in model_keys:
+            state[mapped] = _cast(source.get(key), dtype)
+    source.close()
+    return _materialize(model, state, "clip_l", component.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# SigLIP (only the layers USO reads) and the projector
+# ---------------------------------------------------------------------------------------------
+
+def siglip_component(path: str) -> Component:
+    return Component(path)
+
+
+def load_siglip(component: Component, dtype: torch.dtype = torch.float32):
+    """SigLIP vision tower truncated after the second-to-last layer (the deepest one USO reads).
+
+    Returns (model, full_layer_count)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    source = _source(component)
+    detect.require_kind(source, "siglip", ("siglip",))
+    stored = source.config("siglip")
+    cfg = architecture.siglip_config(source, stored)
+    full_layers = cfg["num_hidden_layers"]
+    if full_layers < 20:
+        raise ModelFileError(f"siglip: '{component.name}' has {full_layers} layers; USO reads layers "
+                             "-20, -11 and -2 and needs the 27-layer SigLIP so400m.")
+    cfg.pop("model_type", None)
+    cfg.update(num_hidden_layers=full_layers - 1, vision_use_head=False)
+    with torch.device("meta"):
+        model = SiglipVisionModel(SiglipVisionConfig(**cfg))
+    _drop_post_layernorm(model)
+    model_keys = set(model.state_dict())
+    state = {}
+    for key in source.keys():
+        if not key.startswith("vision_model."):
+            continue  # HF folders also hold the text tower
+        mapped = _strip_to_model_keys(key, model_keys, ("vision_model.",))
+        if mapped in model_keys:
+            state[mapped] = _cast(source.get(key), dtype)
+    source.close()
+    return _materialize(model, state, "siglip", component.name), full_layers
+
+
+def _drop_post_layernorm(model: nn.Module) -> None:
+    # USO uses hidden states before the final norm; the norm's output is never read.
+    owner = getattr(model, "vision_model", model)
+    if hasattr(owner, "post_layernorm"):
+        owner.post_layernorm = nn.Identity()
+
+
+def load_projector(path: str, dtype: torch.dtype) -> StyleProjector:
+    source = open_weights(path)
+    detect.require_kind(source, "projector", ("uso_projector",))
+    if any(k.startswith("feature_embedder.") for k in source.keys()):
+        source = source.with_prefix("feature_embedder.")
+    cfg = architecture.projector_config(source)
+    with torch.device("meta"):
+        model = StyleProjector(**cfg)
+    state = {k: _cast(source.get(k), dtype) for k in source.keys()}
+    source.close()
+    return _materialize(model, state, "projector", os.path.basename(path))

@@ -1,0 +1,77 @@
+"""ComfyUI "scaled fp8" files: fp8 weights that must be multiplied by a per-layer scale.
+
+Two generations exist: a `scaled_fp8` marker key with `<layer>.scale_weight` (and optional
+`.scale_input`), and the newer `<layer>.weight_scale` + `<layer>.comfy_quant` (a JSON blob as
+uint8) or `_quantization_metadata` in the header. Loaded naively the weights are off by the scale
+and the model produces noise, which is what users hit with these files elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .errors import ModelFileError
+from .weight_files import WeightSource
+
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
+
+
+def is_scaled_fp8(source: WeightSource) -> bool:
+    return ("scaled_fp8" in source or "_quantization_metadata" in source.metadata
+            or any(k.endswith(_SCALE_SUFFIXES + (".comfy_quant",)) for k in source.keys()))
+
+
+class DequantizedSource(WeightSource):
+    """The same tensors with every scaled weight multiplied out (returned in float32)."""
+
+    def __init__(self, base: WeightSource):
+        self._base = base
+        self._scale_of: dict[str, str] = {}
+        for key in base.keys():
+            for suffix in _SCALE_SUFFIXES:
+                if key.endswith(suffix):
+                    self._scale_of[key[: -len(suffix)] + ".weight"] = key
+        self._check_formats()
+        infos = {k: v for k, v in base.infos.items()
+                 if k != "scaled_fp8" and not k.endswith(_SCALE_SUFFIXES + _DROPPED_SUFFIXES)}
+        for key in self._scale_of:
+            if key in infos:
+                infos[key] = type(infos[key])(infos[key].shape, torch.float32)
+        super().__init__(path=base.path, infos=infos, metadata=base.metadata)
+
+    def _check_formats(self) -> None:
+        formats = set()
+        for key in self._base.keys():
+            if key.endswith(".comfy_quant"):
+                formats.add(json.loads(bytes(self._base.get(key).tolist()).decode("utf-8"))
+                            .get("format"))
+        raw = self._base.metadata.get("_quantization_metadata")
+        if raw:
+            for conf in json.loads(raw).get("layers", {}).values():
+                formats.add(conf.get("format"))
+        unsupported = formats - {None, "float8_e4m3fn", "float8_e5m2"}
+        if unsupported:
+            raise ModelFileError(
+                f"{os.path.basename(self._base.path)}: quantisation format "
+                f"{', '.join(sorted(map(str, unsupported)))} is not supported. Use a bf16, fp8 "
+                "(scaled or not) or GGUF version of this model.")
+
+    def get(self, key: str) -> torch.Tensor:
+        tensor = self._base.get(key)
+        scale_key = self._scale_of.get(key)
+        if scale_key is None:
+            return tensor
+        scale = self._base.get(scale_key).to(torch.float32)
+        if scale.ndim == 1 and scale.numel() == tensor.shape[0] and tensor.ndim == 2:
+            scale = scale[:, None]
+        return tensor.to(torch.float32) * scale
+
+    def close(self) -> None:
+        self._base.close()
+
+
+def dequantized(source: WeightSource) -> WeightSource:
+    return DequantizedSource(source) if is_scaled_fp8(source) else source
