@@ -217,8 +217,10 @@ class Transport:
 
         def work() -> None:
             try:
+                # A late-response handler needs the whole answer; otherwise stop reading once abandoned.
                 resp = raw_request(method, url, headers=headers, timeout=timeout, json_body=json_body,
-                                   params=params, max_bytes=max_bytes, abandoned=abandoned)
+                                   params=params, max_bytes=max_bytes,
+                                   abandoned=None if on_late_response else abandoned)
                 box["resp"] = resp
                 if abandoned.is_set() and on_late_response is not None:
                     on_late_response(resp)
