@@ -172,3 +172,17 @@ def _open_folder(path: str) -> WeightSource:
         with open(config_path, encoding="utf-8") as f:
             metadata.setdefault("config", f.read())
     return WeightSource(path=path, infos=infos, metadata=metadata, _files=owners)
+
+
+class StateDictSource(WeightSource):
+    """A WeightSource over tensors already in memory (random full-size models, tests)."""
+
+    def __init__(self, name: str, tensors: dict[str, torch.Tensor], config: dict | None = None):
+        infos = {k: TensorInfo(tuple(getattr(v, "quant_shape", v.shape)), v.dtype)
+                 for k, v in tensors.items()}
+        metadata = {"config": json.dumps(config)} if config is not None else {}
+        super().__init__(path=name, infos=infos, metadata=metadata)
+        self._tensors = tensors
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
