@@ -1,0 +1,34 @@
+"""Shared pytest fixtures for the comfyui-uso test suite."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network (hub lookups would hang or fail on CI machines without internet).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Test helper modules (tiny_models, reference_math, ...) are imported as top-level modules.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random-weight models written once per session in every supported file layout.
+
+    Returns a ``tiny_models.TinyModels``: ``.paths[...]`` for the files, ``.models_dir`` (a
+    ComfyUI-like ``models/`` folder) and the in-memory truth (``.transformer_state`` ...).
+    Treat it as read-only: it is shared by every test of the session.
+    """
+    from tiny_models import build_tiny_models
+
+    tm = build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+    print(f"\n[tiny_models] built in {tm.build_seconds:.2f} s under {tm.root}")
+    return tm
