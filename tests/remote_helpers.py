@@ -34,6 +34,8 @@ def remote_env(monkeypatch):
     """No keys or URLs from the machine, fast polls/backoff, captured progress text, clean Cancel."""
     for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
+    for name in ("NO_PROXY", "no_proxy"):  # a machine-wide HTTP(S)_PROXY must not catch the fakes
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
     monkeypatch.setattr(USORemoteGenerate, "POLL_INTERVAL_S", 0.02)
     monkeypatch.setattr(USORemoteGenerate, "BACKOFF_BASE_S", 0.01)
     monkeypatch.setattr(comfy_bridge, "user_directory", lambda: None)

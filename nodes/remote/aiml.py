@@ -39,7 +39,7 @@ class AimlClient:
     def run(self, body: dict, timeout_s: float) -> AimlResult:
         url = self.base_url + PATH
         deadline = time.monotonic() + timeout_s
-        headers = {"Authorization": f"Bearer {self.key.secret.reveal()}", "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {self.key.secret.reveal()}"}  # requests adds Content-Type for JSON
 
         def tick(elapsed: float) -> None:
             self.hooks.report(f"AIML: generating · {elapsed:.0f} s elapsed (AIML reports no progress)")

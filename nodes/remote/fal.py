@@ -98,7 +98,7 @@ class FalClient:
         return self._result(job, status, placeholder)
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Key {self.key.secret.reveal()}", "Content-Type": "application/json"}
+        return {"Authorization": f"Key {self.key.secret.reveal()}"}  # requests adds Content-Type for JSON
 
     def _submit(self, body: dict, timeout_s: float, deadline: float) -> FalJob:
         url = f"{self.base_url}/{MODEL_ID}"

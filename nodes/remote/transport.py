@@ -214,6 +214,7 @@ class Transport:
         box: dict[str, Any] = {}
         done = threading.Event()
         abandoned = threading.Event()
+        lock = threading.Lock()  # exactly one of the two threads hands a late answer on
 
         def work() -> None:
             try:
@@ -221,8 +222,10 @@ class Transport:
                 resp = raw_request(method, url, headers=headers, timeout=timeout, json_body=json_body,
                                    params=params, max_bytes=max_bytes,
                                    abandoned=None if on_late_response else abandoned)
-                box["resp"] = resp
-                if abandoned.is_set() and on_late_response is not None:
+                with lock:
+                    box["resp"] = resp
+                    late = abandoned.is_set()
+                if late and on_late_response is not None:
                     on_late_response(resp)
             except BaseException as exc:  # handed to the waiting thread
                 box["exc"] = exc
@@ -235,7 +238,11 @@ class Transport:
             try:
                 self.check(deadline)
             except (Cancelled, DeadlineExceeded):
-                abandoned.set()
+                with lock:
+                    abandoned.set()
+                    arrived = box.get("resp")
+                if arrived is not None and on_late_response is not None:
+                    threading.Thread(target=on_late_response, args=(arrived,), daemon=True).start()
                 raise
             if tick is not None and time.monotonic() >= next_tick:
                 next_tick += 1.0
