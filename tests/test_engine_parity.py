@@ -21,7 +21,7 @@ def make_pipeline(tiny_models, precision="fp32", lora_mode="unfused", transforme
     files = ModelFiles(transformer=p[transformer], vae=p["ae"], t5=p["t5_fp16"], clip_l=p["clip_l"],
                        siglip=p["siglip_file"], uso_lora=p["lora_comfy"], projector=p["projector_comfy"],
                        tokenizer_dir=str(tiny_models.paths["tokenizer_t5"].parent))
-    return USOPipeline(files, EngineOptions(precision=precision, lora_mode=lora_mode, device="cpu", **kw))
+    return USOPipeline.from_files(files, EngineOptions(precision=precision, lora_mode=lora_mode, device="cpu", **kw))
 
 
 @pytest.fixture(scope="module")

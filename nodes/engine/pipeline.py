@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import loaders, lora, memory, positions, sampler, schedule, style, subject, text, tokenizers
-from .errors import InputError, ModelFileError, OutOfMemoryError
-from .loaders import Component
+from . import loaders, lora, memory, positions, sampler, schedule, style, subject, text
+from .model_set import LoadedModels, ModelFiles, load_models
+from .errors import InputError, OutOfMemoryError
 
 MIN_SIZE = 16
 MAX_SIZE = 4096
@@ -25,21 +25,6 @@ MAX_PROMPT_CHARS = 20000
 REFERENCE_LONG_SIDE = 512
 
 LORA_MODES = ("auto", "fused", "unfused")
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """Paths of the weights. vae / t5 / clip_l may be None when the transformer is a ComfyUI
-    all-in-one checkpoint or a diffusers FLUX folder that contains them."""
-
-    transformer: str
-    siglip: str
-    uso_lora: str
-    projector: str
-    vae: str | None = None
-    t5: str | None = None
-    clip_l: str | None = None
-    tokenizer_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,71 +107,34 @@ class _LRU(OrderedDict):
 class USOPipeline:
     """The loaded USO models and everything to run them."""
 
-    def __init__(self, files: ModelFiles, options: EngineOptions = EngineOptions(),
-                 on_load_step: Callable[[str], None] | None = None):
-        self.files = files
+    def __init__(self, models: LoadedModels, options: EngineOptions = EngineOptions()):
         self.options = options
         self.device = memory.resolve_device(options.device)
         self.precision = memory.resolve_precision(options.precision, self.device)
-        step = on_load_step or (lambda _what: None)
         self._lock = threading.RLock()
         self._prompt_cache = _LRU(8)
         self._style_cache = _LRU(32)
         self._subject_cache = _LRU(16)
 
-        transformer_path = files.transformer
-        component, _layout = loaders.transformer_component(transformer_path)
-        is_diffusers_folder = os.path.isdir(transformer_path)
-        is_aio = bool(component.prefix)
+        self.models = models
+        self.transformer = models.transformer
+        self.transformer_config = models.transformer_config
+        self.hidden_size = models.hidden_size
+        self.vae, self.t5, self.clip = models.vae, models.t5, models.clip
+        self.t5_tokenizer, self.clip_tokenizer = models.t5_tokenizer, models.clip_tokenizer
+        self.siglip, self.siglip_layers, self.projector = models.siglip, models.siglip_layers, models.projector
+        self.style_size = self.siglip.config.image_size
+        self.style_owner, self.subject_owner = models.style_owner, models.subject_owner
+        self.lora_rank = models.lora_rank
 
-        step("transformer")
-        self.transformer, self.transformer_config = loaders.load_transformer(
-            transformer_path, self.precision.compute, self.precision.fp8_storage)
-        self.hidden_size = self.transformer_config["num_attention_heads"] * \
-            self.transformer_config["attention_head_dim"]
-
-        step("uso_lora")
-        parts, self.lora_rank = lora.load_uso_lora(files.uso_lora)
-        lora.check_fits(parts, self.transformer, os.path.basename(files.uso_lora))
         self.lora_mode = self._resolve_lora_mode(options.lora_mode)
         if self.lora_mode == "fused":
-            lora.apply_fused(self.transformer, parts, options.lora_strength)
+            lora.apply_fused(self.transformer, models.lora_parts, options.lora_strength)
         else:
-            lora.apply_unfused(self.transformer, parts, options.lora_strength, self.precision.compute)
+            lora.apply_unfused(self.transformer, models.lora_parts, options.lora_strength,
+                               self.precision.compute)
         if self.precision.fp8_storage:
             memory.enable_fp8_storage(self.transformer, self.precision.compute, loaders.fp8_storable)
-
-        step("vae")
-        self.vae = loaders.load_vae(self._component("vae", files.vae, transformer_path, is_aio,
-                                                    is_diffusers_folder, "vae"), self.precision.vae)
-        step("t5")
-        self.t5 = loaders.load_t5(self._component("t5", files.t5, transformer_path, is_aio,
-                                                  is_diffusers_folder, "text_encoder_2"),
-                                  self.precision.text)
-        step("clip_l")
-        self.clip = loaders.load_clip(self._component("clip_l", files.clip_l, transformer_path, is_aio,
-                                                      is_diffusers_folder, "text_encoder"),
-                                      self.precision.text)
-        step("tokenizers")
-        diffusers_root = transformer_path if is_diffusers_folder else None
-        self.t5_tokenizer = tokenizers.load_tokenizer("t5", tokenizers.tokenizer_roots(
-            files.tokenizer_dir, diffusers_root, options.comfy_tokenizer_dirs, "t5"))
-        self.clip_tokenizer = tokenizers.load_tokenizer("clip_l", tokenizers.tokenizer_roots(
-            files.tokenizer_dir, diffusers_root, options.comfy_tokenizer_dirs, "clip_l"))
-        self._check_text_widths()
-
-        step("siglip")
-        self.siglip, self.siglip_layers = loaders.load_siglip(loaders.siglip_component(files.siglip),
-                                                              self.precision.vision)
-        step("projector")
-        self.projector = loaders.load_projector(files.projector, self.precision.compute)
-        self._check_projector()
-        self.style_size = self.siglip.config.image_size
-
-        # Encodings made by another pipeline are fine when they come from the same files.
-        self.style_owner = f"{os.path.realpath(files.siglip)}|{os.path.realpath(files.projector)}|" \
-                           f"{self.precision.compute}"
-        self.subject_owner = f"{os.path.realpath(files.vae or transformer_path)}|{self.precision.vae}"
 
         others = [self.vae, self.t5, self.clip, self.siglip, self.projector]
         self.memory_mode = memory.choose_memory_mode(
@@ -195,28 +143,12 @@ class USOPipeline:
         self.placement = memory.Placement(self.memory_mode, self.device)
         self.placement.setup(self.transformer, others)
 
-    # -- loading helpers --------------------------------------------------------------------
-
-    def _component(self, slot: str, explicit: str | None, transformer_path: str, is_aio: bool,
-                   is_diffusers_folder: bool, diffusers_sub: str) -> Component:
-        from .detect import AIO_PREFIXES, has_prefix
-        from .weight_files import open_weights
-
-        if explicit:
-            if slot == "vae":
-                return loaders.vae_component(explicit)
-            return Component(os.path.join(explicit, diffusers_sub) if os.path.isdir(
-                os.path.join(explicit, diffusers_sub)) else explicit)
-        if is_diffusers_folder:
-            return Component(os.path.join(transformer_path, diffusers_sub))
-        if is_aio:
-            if not has_prefix(open_weights(transformer_path), AIO_PREFIXES[slot]):
-                raise ModelFileError(f"{slot}: '{os.path.basename(transformer_path)}' does not contain a "
-                                     f"{slot} ('from checkpoint' needs it); pick a separate {slot} file.")
-            return Component(transformer_path, AIO_PREFIXES[slot])
-        raise ModelFileError(f"{slot}: no file chosen. 'from checkpoint' only works when the transformer "
-                             "is an all-in-one checkpoint or a diffusers folder; pick a "
-                             f"{slot} file.")
+    @classmethod
+    def from_files(cls, files: ModelFiles, options: EngineOptions = EngineOptions(),
+                   on_load_step: Callable[[str], None] | None = None) -> "USOPipeline":
+        precision = memory.resolve_precision(options.precision, memory.resolve_device(options.device))
+        models = load_models(files, precision, options.comfy_tokenizer_dirs, on_load_step)
+        return cls(models, options)
 
     def _resolve_lora_mode(self, mode: str) -> str:
         if mode not in LORA_MODES:
@@ -229,34 +161,6 @@ class USOPipeline:
         if mode == "auto":
             return "unfused" if quantized else "fused"
         return mode
-
-    def _check_text_widths(self) -> None:
-        t5_width = self.t5.config.d_model
-        if t5_width != self.transformer_config["joint_attention_dim"]:
-            raise ModelFileError(f"t5: the T5 encoder outputs {t5_width}-wide tokens but the transformer "
-                                 f"expects {self.transformer_config['joint_attention_dim']}; pick the "
-                                 "T5-XXL encoder that goes with FLUX.1-dev.")
-        clip_width = self.clip.config.hidden_size
-        if clip_width != self.transformer_config["pooled_projection_dim"]:
-            raise ModelFileError(f"clip_l: the CLIP encoder outputs {clip_width} values but the transformer "
-                                 f"expects {self.transformer_config['pooled_projection_dim']}; pick CLIP-L.")
-
-    def _check_projector(self) -> None:
-        proj = self.projector
-        siglip_tokens = proj.high_embedding_linear[0].in_features
-        siglip_dim = proj.high_layer_norm.normalized_shape[0]
-        cfg = self.siglip.config
-        grid = (cfg.image_size // cfg.patch_size) ** 2
-        if (siglip_tokens, siglip_dim) != (grid, cfg.hidden_size):
-            raise ModelFileError(
-                f"projector: '{os.path.basename(self.files.projector)}' expects SigLIP features of "
-                f"{siglip_tokens} tokens x {siglip_dim}, but the SigLIP model gives {grid} x "
-                f"{cfg.hidden_size}; pick the SigLIP so400m patch14-384 encoder.")
-        if proj.high_projection.out_features != self.hidden_size:
-            raise ModelFileError(
-                f"projector: '{os.path.basename(self.files.projector)}' makes "
-                f"{proj.high_projection.out_features}-wide tokens but the transformer is "
-                f"{self.hidden_size} wide; the projector belongs to another model.")
 
     # -- encoding (cached) ------------------------------------------------------------------
 

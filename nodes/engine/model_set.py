@@ -1,0 +1,139 @@
+"""Load the whole USO model set from files: which file feeds which model, and the checks that
+the pieces belong together (widths of T5/CLIP/projector against the transformer)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from . import loaders, lora, tokenizers
+from .detect import AIO_PREFIXES, has_prefix
+from .errors import ModelFileError
+from .loaders import Component
+from .memory import Precision
+from .weight_files import open_weights
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Paths of the weights. vae / t5 / clip_l may be None when the transformer is a ComfyUI
+    all-in-one checkpoint or a diffusers FLUX folder that contains them."""
+
+    transformer: str
+    siglip: str
+    uso_lora: str
+    projector: str
+    vae: str | None = None
+    t5: str | None = None
+    clip_l: str | None = None
+    tokenizer_dir: str | None = None
+
+
+@dataclass
+class LoadedModels:
+    """Every model USO needs, loaded but not yet placed on a device; the LoRA not yet applied."""
+
+    transformer: nn.Module
+    transformer_config: dict
+    vae: nn.Module
+    t5: nn.Module
+    clip: nn.Module
+    t5_tokenizer: object
+    clip_tokenizer: object
+    siglip: nn.Module
+    siglip_layers: int                 # layer count of the full SigLIP (the loaded one is shorter)
+    projector: nn.Module
+    lora_parts: list = field(default_factory=list)
+    lora_rank: int = 0
+    lora_name: str = "uso_lora"
+    style_owner: str = ""              # encodings from models with equal owners are interchangeable
+    subject_owner: str = ""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.transformer_config["num_attention_heads"] * self.transformer_config["attention_head_dim"]
+
+    def check_consistency(self) -> None:
+        cfg = self.transformer_config
+        t5_width = self.t5.config.d_model
+        if t5_width != cfg["joint_attention_dim"]:
+            raise ModelFileError(f"t5: the T5 encoder outputs {t5_width}-wide tokens but the transformer "
+                                 f"expects {cfg['joint_attention_dim']}; pick the T5-XXL encoder that "
+                                 "goes with FLUX.1-dev.")
+        clip_width = self.clip.config.hidden_size
+        if clip_width != cfg["pooled_projection_dim"]:
+            raise ModelFileError(f"clip_l: the CLIP encoder outputs {clip_width} values but the transformer "
+                                 f"expects {cfg['pooled_projection_dim']}; pick CLIP-L.")
+        proj = self.projector
+        siglip_tokens = proj.high_embedding_linear[0].in_features
+        siglip_dim = proj.high_layer_norm.normalized_shape[0]
+        scfg = self.siglip.config
+        grid = (scfg.image_size // scfg.patch_size) ** 2
+        if (siglip_tokens, siglip_dim) != (grid, scfg.hidden_size):
+            raise ModelFileError(
+                f"projector: it expects SigLIP features of {siglip_tokens} tokens x {siglip_dim}, but "
+                f"the SigLIP model gives {grid} x {scfg.hidden_size}; pick the SigLIP so400m "
+                "patch14-384 encoder.")
+        if proj.high_projection.out_features != self.hidden_size:
+            raise ModelFileError(
+                f"projector: it makes {proj.high_projection.out_features}-wide tokens but the "
+                f"transformer is {self.hidden_size} wide; the projector belongs to another model.")
+        lora.check_fits(self.lora_parts, self.transformer, self.lora_name)
+
+
+def _component(slot: str, explicit: str | None, transformer_path: str, is_aio: bool,
+               is_diffusers_folder: bool, diffusers_sub: str) -> Component:
+    if explicit:
+        if slot == "vae":
+            return loaders.vae_component(explicit)
+        sub = os.path.join(explicit, diffusers_sub)
+        return Component(sub if os.path.isdir(sub) else explicit)
+    if is_diffusers_folder:
+        return Component(os.path.join(transformer_path, diffusers_sub))
+    if is_aio:
+        if not has_prefix(open_weights(transformer_path), AIO_PREFIXES[slot]):
+            raise ModelFileError(f"{slot}: '{os.path.basename(transformer_path)}' does not contain a "
+                                 f"{slot} ('from checkpoint' needs it); pick a separate {slot} file.")
+        return Component(transformer_path, AIO_PREFIXES[slot])
+    raise ModelFileError(f"{slot}: no file chosen. 'from checkpoint' only works when the transformer "
+                         f"is an all-in-one checkpoint or a diffusers folder; pick a {slot} file.")
+
+
+def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: dict | None = None,
+                on_step: Callable[[str], None] | None = None) -> LoadedModels:
+    step = on_step or (lambda _what: None)
+    path = files.transformer
+    component, _layout = loaders.transformer_component(path)
+    in_folder, is_aio = os.path.isdir(path), bool(component.prefix)
+
+    step("transformer")
+    transformer, cfg = loaders.load_transformer(path, precision.compute, precision.fp8_storage)
+    step("uso_lora")
+    parts, rank = lora.load_uso_lora(files.uso_lora)
+    step("vae")
+    vae = loaders.load_vae(_component("vae", files.vae, path, is_aio, in_folder, "vae"), precision.vae)
+    step("t5")
+    t5 = loaders.load_t5(_component("t5", files.t5, path, is_aio, in_folder, "text_encoder_2"), precision.text)
+    step("clip_l")
+    clip = loaders.load_clip(_component("clip_l", files.clip_l, path, is_aio, in_folder, "text_encoder"),
+                             precision.text)
+    step("tokenizers")
+    diffusers_root = path if in_folder else None
+    dirs = comfy_tokenizer_dirs or {}
+    t5_tok = tokenizers.load_tokenizer("t5", tokenizers.tokenizer_roots(files.tokenizer_dir, diffusers_root, dirs, "t5"))
+    clip_tok = tokenizers.load_tokenizer("clip_l", tokenizers.tokenizer_roots(files.tokenizer_dir, diffusers_root,
+                                                                              dirs, "clip_l"))
+    step("siglip")
+    siglip, siglip_layers = loaders.load_siglip(loaders.siglip_component(files.siglip), precision.vision)
+    step("projector")
+    projector = loaders.load_projector(files.projector, precision.compute)
+    models = LoadedModels(
+        transformer=transformer, transformer_config=cfg, vae=vae, t5=t5, clip=clip,
+        t5_tokenizer=t5_tok, clip_tokenizer=clip_tok, siglip=siglip, siglip_layers=siglip_layers,
+        projector=projector, lora_parts=parts, lora_rank=rank, lora_name=os.path.basename(files.uso_lora),
+        style_owner=f"{os.path.realpath(files.siglip)}|{os.path.realpath(files.projector)}|{precision.compute}",
+        subject_owner=f"{os.path.realpath(files.vae or path)}|{precision.vae}")
+    models.check_consistency()
+    return models
