@@ -8,6 +8,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -173,7 +174,7 @@ class USOPipeline:
                              "reads only the first 512 tokens anyway. Shorten the prompt.")
 
         def compute():
-            with self._lock, self.placement.use(self.t5), self.placement.use(self.clip):
+            with self._lock, self._placed(), self.placement.use(self.t5), self.placement.use(self.clip):
                 t5_tokens = text.encode_t5(self.t5, self.t5_tokenizer, prompt, self._device_of(self.t5))
                 pooled = text.encode_clip(self.clip, self.clip_tokenizer, prompt,
                                           self._device_of(self.clip))
@@ -188,7 +189,8 @@ class USOPipeline:
         for image in images:
             def compute(image=image):
                 pixels = style.style_pixels(image, self.style_size, crop)
-                with self._lock, self.placement.use(self.siglip), self.placement.use(self.projector):
+                with self._lock, self._placed(), self.placement.use(self.siglip), \
+                        self.placement.use(self.projector):
                     return style.encode_style(self.siglip, self.siglip_layers, self.projector,
                                               pixels).cpu()
             tokens.append(self._style_cache.get_or((_image_key(image), crop), compute))
@@ -206,7 +208,7 @@ class USOPipeline:
                     prepared = subject.preprocess_subject(image, long_side)
                 except ValueError as exc:
                     raise InputError(f"subject: {exc}") from exc
-                with self._lock, self.placement.use(self.vae, keep=True):
+                with self._lock, self._placed(), self.placement.use(self.vae, keep=True):
                     z = subject.encode_latents(self.vae, subject.subject_pixels(prepared), sample_seed)
                 return z.to(self.precision.compute).cpu(), prepared.size
             z, size = self._subject_cache.get_or((_image_key(image), long_side, sample_seed), compute)
@@ -269,7 +271,7 @@ class USOPipeline:
         total = len(seeds) * int(steps)
 
         latents = []
-        with self._lock:
+        with self._lock, self._placed():
             try:
                 for n, seed in enumerate(seeds):
                     noise = sampler.initial_noise(seed, width, height, self.device)
@@ -304,8 +306,18 @@ class USOPipeline:
         return [self.transformer, self.vae, self.t5, self.clip, self.siglip, self.projector]
 
     def release_device_memory(self) -> None:
+        """Move everything off the GPU (ComfyUI wants its memory); the next run moves it back."""
         with self._lock:
             self.placement.release(self.modules())
+            self._released = True
+
+    @contextmanager
+    def _placed(self):
+        """Put released models back where the memory mode keeps them, before running any."""
+        if getattr(self, "_released", False):
+            self.placement.restore(self.transformer, [self.vae, self.t5, self.clip, self.siglip, self.projector])
+            self._released = False
+        yield
 
     def _empty_cache(self) -> None:
         if self.device.type == "cuda":
