@@ -194,7 +194,7 @@ class Transport:
                     continue
                 timed_out = isinstance(exc, requests.exceptions.Timeout)
                 raise NetworkFailure(url, _reason(exc), attempt, timed_out) from None
-            log.info("USO remote: %s %s -> HTTP %d%s", method, _path(url), resp.status,
+            log.debug("USO remote: %s %s -> HTTP %d%s", method, _path(url), resp.status,
                      f" (x-fal-request-id {resp.fal_request_id})" if resp.fal_request_id else "")
             if not resp.ok and attempt < policy.attempts and policy.retry_response(resp):
                 delay = self.backoff(attempt)
