@@ -69,8 +69,7 @@ class FalClient:
             note = (f"fal did not accept an empty subject slot for a style-only request ({exc.detail}); "
                     "ran it again with the style images only, so the first style image also fills the "
                     "subject/content slot and shapes the layout")
-            log.warning("USO remote: %s", note)
-            self.hooks.report(f"fal: {note}")
+            self.hooks.report(f"fal: {note}")  # logged with the other warnings by the caller
             result = self._run_once({**body, "input_image_urls": urls}, timeout_s, deadline)
             result.warnings.insert(0, note)
             return result
