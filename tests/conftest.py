@@ -32,3 +32,25 @@ def tiny_models(tmp_path_factory):
     tm = build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
     print(f"\n[tiny_models] built in {tm.build_seconds:.2f} s under {tm.root}")
     return tm
+
+
+@pytest.fixture(scope="session")
+def comfy_folders(tiny_models):
+    """Point the pack's model folders (what folder_paths gives inside ComfyUI) at the tiny models,
+    and the tokenizer search at the tiny tokenizers."""
+    from nodes import comfy_bridge
+
+    folders = ("checkpoints", "diffusion_models", "diffusers", "vae", "text_encoders", "clip_vision", "loras",
+               "model_patches")
+    saved = dict(comfy_bridge.standalone_model_folders)
+    saved_env = os.environ.get("USO_TOKENIZER_DIR")
+    comfy_bridge.standalone_model_folders.clear()
+    comfy_bridge.standalone_model_folders.update({f: [str(tiny_models.models_dir / f)] for f in folders})
+    os.environ["USO_TOKENIZER_DIR"] = str(tiny_models.paths["tokenizer_t5"].parent)
+    yield tiny_models
+    comfy_bridge.standalone_model_folders.clear()
+    comfy_bridge.standalone_model_folders.update(saved)
+    if saved_env is None:
+        os.environ.pop("USO_TOKENIZER_DIR", None)
+    else:
+        os.environ["USO_TOKENIZER_DIR"] = saved_env

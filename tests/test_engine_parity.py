@@ -8,7 +8,7 @@ import torch
 from transformers import SiglipVisionModel
 
 import reference_math as ref
-from nodes.engine import EngineOptions, ModelFiles, USOPipeline, text
+from nodes.engine import EngineOptions, InputError, ModelFiles, USOPipeline, text
 
 REF_CFG = {"hidden": 64, "heads": 4, "depth": 2, "depth_single": 2, "axes_dim": (4, 6, 6),
            "theta": 10000, "mlp_ratio": 4.0, "guidance_embed": True}
@@ -213,7 +213,9 @@ def test_seeded_vae_sampling_is_an_option_and_reproducible(pipe32, inputs):
 def test_several_subjects_and_keep_size(pipe32, inputs, tiny_models):
     subjects = pipe32.encode_subject([inputs["subject"], tiny_models.make_image(50, 100, 3)], long_side=64)
     assert subjects.sizes == ((64, 48), (32, 64))
-    result = pipe32.generate(PROMPT, subjects=subjects, keep_size=True, steps=2, seeds=[0])
+    with pytest.raises(InputError, match="extra_references"):
+        pipe32.generate(PROMPT, subjects=subjects, width=W, height=H, steps=1, seeds=[0])
+    result = pipe32.generate(PROMPT, subjects=subjects, keep_size=True, steps=2, seeds=[0], extra_references=True)
     # keep_size: 2x the first preprocessed subject at long side 512 -> scale 1024/64 here.
     assert (result.width, result.height) == (1024, 768)
     assert result.images.shape == (1, 768, 1024, 3)

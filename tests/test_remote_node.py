@@ -5,8 +5,9 @@ import ast
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+import workflow_runner
 import torch
 from PIL import Image
 from remote_helpers import fal_server, remote_env, run_node, widget_defaults  # noqa: F401
@@ -157,59 +158,20 @@ def test_api_workflow_is_the_twin_of_the_ui_workflow():
     assert loads_ui == loads_api
 
 
-def _run_api_workflow(prompt: dict, input_dir: Path) -> dict:
-    """A tiny executor with ComfyUI's API-format semantics: literals, ["id", slot] links, outputs cached."""
-    saved: dict = {}
-
-    def load_image(image: str):
-        path = input_dir / image
-        assert path.resolve().parent == input_dir.resolve()  # names stay inside the input folder
-        with Image.open(path) as img:
-            rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
-        return rgb, torch.zeros(1, rgb.shape[1], rgb.shape[2])
-
-    def save_image(images, filename_prefix: str):
-        saved[filename_prefix] = images
-        return ()
-
-    core = {"LoadImage": load_image, "SaveImage": save_image}
-    results: dict[str, tuple] = {}
-
-    def evaluate(node_id: str) -> tuple:
-        if node_id not in results:
-            node = prompt[node_id]
-            kwargs = {}
-            for name, value in node["inputs"].items():
-                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
-                    kwargs[name] = evaluate(value[0])[value[1]]
-                else:
-                    kwargs[name] = value
-            kind = node["class_type"]
-            if kind in core:
-                results[node_id] = core[kind](**kwargs)
-            else:
-                cls = nodes.NODE_CLASS_MAPPINGS[kind]
-                hidden = {"unique_id": node_id} if "unique_id" in cls.INPUT_TYPES().get("hidden", {}) else {}
-                results[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs, **hidden)
-        return results[node_id]
-
-    for node_id, node in prompt.items():
-        if node["class_type"] == "SaveImage":
-            evaluate(node_id)
-    return saved
-
-
 def test_api_workflow_runs_end_to_end_against_fake_fal(remote_env, monkeypatch, tmp_path):
     prompt = json.loads(API_WORKFLOW.read_text(encoding="utf-8"))
     for n in prompt.values():
         if n["class_type"] == "LoadImage":
             Image.new("RGB", (96, 64), (120, 60, 30)).save(tmp_path / n["inputs"]["image"])
+    workflow_runner.LoadImage.input_dir = str(tmp_path)
+    workflow_runner.SaveImage.saved.clear()
     with fal_server(monkeypatch) as fal:
-        saved = _run_api_workflow(prompt, tmp_path)
+        workflow_runner.run_api_workflow(prompt, nodes.NODE_CLASS_MAPPINGS)
         body = fal.calls("POST")[0].json
+    saved = dict(workflow_runner.SaveImage.saved)
     remote = next(n for n in prompt.values() if n["class_type"] == "USORemoteGenerate")["inputs"]
     assert body["prompt"] == remote["prompt"] and len(body["input_image_urls"]) == 2
-    images = saved["uso_remote"]
+    images = saved["uso/remote"]
     assert images.shape == (remote["num_images"], remote["height"], remote["width"], 3)
     assert any("fal: done" in t for t in remote_env)
 

@@ -5,7 +5,6 @@ Reads like a diffusers pipeline: explicit steps, plain tensors. Knows nothing of
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -15,13 +14,15 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import loaders, lora, memory, positions, sampler, schedule, style, subject, text
+from . import loaders, lora, memory, positions, sampler, schedule, speed, style, subject, text
 from .model_set import LoadedModels, ModelFiles, load_models
 from .errors import InputError, OutOfMemoryError
 
 MIN_SIZE = 16
 MAX_SIZE = 4096
 MAX_BATCH = 16
+MAX_REFERENCE_STYLES = 2
+MAX_REFERENCE_SUBJECTS = 1
 MAX_PROMPT_CHARS = 20000
 REFERENCE_LONG_SIDE = 512
 
@@ -36,6 +37,10 @@ class EngineOptions:
     lora_mode: str = "auto"        # auto = fused, except unfused over fp8 / GGUF weights
     lora_strength: float = 1.0
     comfy_tokenizer_dirs: dict = field(default_factory=dict)
+    encoders: str = "auto"         # memory.ENCODER_PLACEMENTS: T5/CLIP/SigLIP in "gpu" mode
+    attention: str = "native"      # speed.ATTENTION_CHOICES (diffusers' attention dispatcher)
+    compile: bool = False          # regional torch.compile of the repeated transformer blocks
+    step_cache: float = 0.0        # First Block Cache threshold; 0 = off
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class USOPipeline:
         self.device = memory.resolve_device(options.device)
         self.precision = memory.resolve_precision(options.precision, self.device)
         self._lock = threading.RLock()
+        self._released = False
         self._prompt_cache = _LRU(8)
         self._style_cache = _LRU(32)
         self._subject_cache = _LRU(16)
@@ -138,11 +144,15 @@ class USOPipeline:
             memory.enable_fp8_storage(self.transformer, self.precision.compute, loaders.fp8_storable)
 
         others = [self.vae, self.t5, self.clip, self.siglip, self.projector]
-        self.memory_mode = memory.choose_memory_mode(
-            options.memory, self.device, memory.module_bytes(self.transformer),
-            sum(memory.module_bytes(m) for m in others))
-        self.placement = memory.Placement(self.memory_mode, self.device)
-        self.placement.setup(self.transformer, others)
+        encoders = [self.t5, self.clip, self.siglip, self.projector]
+        self.memory_plan = memory.plan_memory(
+            options.memory, options.encoders, self.device, memory.module_bytes(self.transformer),
+            sum(memory.module_bytes(m) for m in encoders), memory.module_bytes(self.vae))
+        self.memory_mode = self.memory_plan.mode
+        self.placement = memory.Placement(self.memory_mode, self.device, self.memory_plan.encoders)
+        self.placement.setup(self.transformer, others, encoders=encoders)
+        self.speed = speed.apply(self.transformer, speed.SpeedSettings(
+            options.attention, options.compile, options.step_cache), self.device, self.precision.compute)
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: EngineOptions = EngineOptions(),
@@ -251,9 +261,13 @@ class USOPipeline:
     def generate(self, prompt: str, styles: StyleEncoding | None = None,
                  subjects: SubjectEncoding | None = None, width: int = 1024, height: int = 1024,
                  keep_size: bool = False, steps: int = 25, guidance: float = 4.0,
-                 seeds: list[int] = (0,), shift: str = "reference",
+                 seeds: list[int] = (0,), shift: str = "reference", extra_references: bool = False,
                  on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """One image per seed; image i equals a single run with seeds[i]."""
+        """One image per seed; image i equals a single run with seeds[i].
+
+        The reference takes at most two style images and one subject; `extra_references` allows
+        more (style tokens are concatenated, subjects continue down the UnoPE diagonal).
+        """
         seeds = [int(s) for s in seeds]
         if not 1 <= len(seeds) <= MAX_BATCH:
             raise InputError(f"batch_size: {len(seeds)} images; pick 1..{MAX_BATCH}.")
@@ -263,6 +277,13 @@ class USOPipeline:
             raise InputError(f"shift: '{shift}' is not one of {', '.join(schedule.SHIFTS)}.")
         width, height = self.output_size(int(width), int(height), keep_size, subjects)
         self.check_encodings(styles, subjects)
+        if not extra_references:
+            if styles is not None and styles.count > MAX_REFERENCE_STYLES:
+                raise InputError(f"style: {styles.count} style images; the reference takes at most "
+                                 f"{MAX_REFERENCE_STYLES}. Remove some, or turn on extra_references.")
+            if subjects is not None and len(subjects.latents) > MAX_REFERENCE_SUBJECTS:
+                raise InputError(f"subject: {len(subjects.latents)} subjects; the reference takes one. Use "
+                                 "one subject image, or turn on extra_references.")
         t5_tokens, pooled = self.encode_prompt(prompt)
         style_tokens = torch.cat(list(styles.tokens), dim=1) if styles and styles.count else None
         subject_tokens = [sampler.SubjectTokens(positions.pack(z), (z.shape[2] // 2, z.shape[3] // 2))
@@ -280,7 +301,8 @@ class USOPipeline:
                         if on_step is not None:
                             on_step(base + done, total)
 
-                    with self.placement.use(self.transformer, keep=True):
+                    with self.placement.use(self.transformer, keep=True), \
+                            speed.step_cache_run(self.transformer):
                         z = sampler.denoise(self.transformer, noise, t5_tokens, pooled, style_tokens,
                                             subject_tokens, ts, float(guidance), self.precision.compute,
                                             report)
@@ -314,7 +336,7 @@ class USOPipeline:
     @contextmanager
     def _placed(self):
         """Put released models back where the memory mode keeps them, before running any."""
-        if getattr(self, "_released", False):
+        if self._released:
             self.placement.restore(self.transformer, [self.vae, self.t5, self.clip, self.siglip, self.projector])
             self._released = False
         yield

@@ -1,7 +1,7 @@
 """Tokenizers for CLIP-L and T5, found on disk (never downloaded).
 
-Looked for, in order: a folder the caller names, the diffusers FLUX folder in use, the files
-ComfyUI ships in its own tree, and the folder in the USO_TOKENIZER_DIR environment variable.
+Looked for, in order: a folder the caller names, the folder in the USO_TOKENIZER_DIR environment
+variable, the diffusers FLUX folder in use, and the files ComfyUI ships in its own tree.
 """
 from __future__ import annotations
 
@@ -65,5 +65,5 @@ def load_tokenizer(kind: str, roots: list[str]):
 
 def tokenizer_roots(explicit: str | None, diffusers_dir: str | None, comfy_dirs: dict[str, str],
                     kind: str) -> list[str]:
-    roots = [explicit, diffusers_dir, comfy_dirs.get(kind), os.environ.get("USO_TOKENIZER_DIR")]
+    roots = [explicit, os.environ.get("USO_TOKENIZER_DIR"), diffusers_dir, comfy_dirs.get(kind)]
     return [r for r in roots if r]

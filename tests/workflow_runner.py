@@ -1,0 +1,172 @@
+"""A small runner for API-format workflows, following ComfyUI's semantics closely enough to run
+the pack's workflows in tests: literal inputs and ["node id", output index] links, only nodes
+upstream of an output node run, each node once. Core nodes the workflows use are stand-ins with
+ComfyUI's behaviour (LoadImage reads from an input folder, SaveImage captures its images).
+
+UI-format helpers check a UI workflow against node schemas and turn it into API format.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# -- core stand-ins --------------------------------------------------------------------------
+
+
+class LoadImage:
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load"
+    input_dir = "."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ([], {"image_upload": True})}}
+
+    def load(self, image):
+        img = ImageOps.exif_transpose(Image.open(os.path.join(self.input_dir, image)))
+        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+        if "A" in img.getbands():
+            mask = 1.0 - torch.from_numpy(np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0)[None]
+        else:
+            mask = torch.zeros((1, 64, 64))
+        return rgb, mask
+
+
+class SaveImage:
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    saved: list = []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}
+
+    def save(self, images, filename_prefix="ComfyUI"):
+        SaveImage.saved.append((filename_prefix, images))
+        return ()
+
+
+class PreviewImage(SaveImage):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}}
+
+    def save(self, images):
+        SaveImage.saved.append(("preview", images))
+        return ()
+
+
+CORE_NODES = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+#: Widget values the frontend stores for core nodes (LoadImage also stores its upload button).
+CORE_WIDGETS = {"LoadImage": ["image", "upload"], "SaveImage": ["filename_prefix"], "PreviewImage": [],
+                "Note": ["text"], "MarkdownNote": ["text"]}
+UI_ONLY = {"Note", "MarkdownNote"}
+
+
+# -- API format --------------------------------------------------------------------------------
+
+
+def run_api_workflow(prompt: dict, node_classes: dict, overrides: dict | None = None) -> dict:
+    """Execute an API-format prompt; returns {node id: outputs tuple}. `overrides` maps
+    (node id, input name) -> value, e.g. to shrink sizes for tiny models."""
+    classes = {**CORE_NODES, **node_classes}
+    overrides = overrides or {}
+    for node_id, node in prompt.items():
+        if node["class_type"] not in classes:
+            raise KeyError(f"node {node_id}: class {node['class_type']} does not exist")
+    outputs_needed = [nid for nid, n in prompt.items() if getattr(classes[n["class_type"]], "OUTPUT_NODE", False)]
+    if not outputs_needed:
+        raise ValueError("prompt has no output node")
+    results: dict[str, tuple] = {}
+
+    def run(node_id: str) -> tuple:
+        if node_id in results:
+            return results[node_id]
+        node = prompt[node_id]
+        cls = classes[node["class_type"]]
+        kwargs = {}
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                kwargs[name] = run(value[0])[value[1]]
+            else:
+                kwargs[name] = value
+        for (nid, name), value in overrides.items():
+            if nid == node_id:
+                kwargs[name] = value
+        if "hidden" in cls.INPUT_TYPES() and "unique_id" in cls.INPUT_TYPES()["hidden"]:
+            kwargs["unique_id"] = node_id
+        validate = getattr(cls, "VALIDATE_INPUTS", None)
+        if validate is not None:
+            import inspect
+            accepted = inspect.getfullargspec(validate).args
+            verdict = validate(**{k: v for k, v in kwargs.items() if k in accepted})
+            if verdict is not True:
+                raise ValueError(f"node {node_id} failed validation: {verdict}")
+        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        if isinstance(out, dict):
+            out = out.get("result", ())
+        results[node_id] = tuple(out)
+        return results[node_id]
+
+    for node_id in outputs_needed:
+        run(node_id)
+    return results
+
+
+# -- UI format ---------------------------------------------------------------------------------
+
+
+def widget_names(cls) -> list[str]:
+    """The widget inputs in the order the frontend stores them (required then optional), with the
+    hidden control_after_generate value after `seed`/`noise_seed` or flagged INT inputs."""
+    types = cls.INPUT_TYPES()
+    names = []
+    for section in ("required", "optional"):
+        for name, spec in types.get(section, {}).items():
+            kind = spec[0]
+            options = spec[1] if len(spec) > 1 else {}
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                names.append(name)
+                if kind == "INT" and (name in ("seed", "noise_seed") or options.get("control_after_generate")):
+                    names.append("control_after_generate")
+    return names
+
+
+def output_types(cls) -> tuple:
+    return cls.RETURN_TYPES
+
+
+def input_type(cls, name: str):
+    types = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        if name in types.get(section, {}):
+            kind = types[section][name][0]
+            return "COMBO" if isinstance(kind, list) else kind
+    return None
+
+
+def ui_to_api(workflow: dict, node_classes: dict) -> dict:
+    """What the frontend's graphToPrompt does for a flat (subgraph-free) workflow."""
+    classes = {**CORE_NODES, **node_classes}
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        cls = classes[node["type"]]
+        names = CORE_WIDGETS.get(node["type"]) or widget_names(cls)
+        inputs = {}
+        for name, value in zip(names, node.get("widgets_values", [])):
+            if name in ("control_after_generate", "upload"):
+                continue
+            inputs[name] = value
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
