@@ -1,7 +1,25 @@
 """Precision and placement: which dtype each model runs in, and where it lives when idle.
 
-Built on diffusers' own machinery (layerwise casting for fp8 storage, group offload); "auto"
-picks by the free memory of the device.
+Built on diffusers' own machinery:
+- fp8 storage: diffusers' layerwise casting hooks (weights stored in float8, upcast per layer to the
+  compute dtype), with our skip list (`loaders.FP8_SKIP_PATTERNS`), which unlike diffusers' default
+  also stores the AdaLN modulation Linears in fp8. An unfused LoRA stays in the compute dtype on top.
+- group offload: diffusers' `apply_group_offloading` (block level for the transformer, CUDA stream
+  prefetch of the next block; leaf level for the encoders).
+- model offload: the models take turns on the GPU, like diffusers' `enable_model_cpu_offload`; the
+  host copies are kept (pinned) so sending a model back costs nothing.
+
+Memory modes (`MEMORY_MODES`):
+- "gpu": the transformer and the VAE stay on the GPU; the encoders (T5, CLIP-L, SigLIP, projector)
+  stay too when `encoders` resolves to "resident", else they are streamed through the GPU layer by
+  layer when they encode and take no room between prompts (prompt and style encodings are cached).
+- "model_offload": one model on the GPU at a time; the encoders are streamed.
+- "group_offload": the transformer is streamed block by block every step; the VAE stays; the
+  encoders are streamed.
+- "auto": the fastest of these that fits the free memory with a margin (`plan_memory`).
+
+On a machine without a GPU nothing moves; the offload modes still install their diffusers hooks
+(with the CPU as both places), which is how the tests check that they leave the result unchanged.
 """
 from __future__ import annotations
 
@@ -15,8 +33,16 @@ from .errors import InputError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")
 MEMORY_MODES = ("auto", "gpu", "model_offload", "group_offload")
+#: Where the encoders (T5, CLIP-L, SigLIP + projector) live in "gpu" mode. The offload modes always
+#: stream them. T5-XXL is 9.5 GB in bf16 and runs once per new prompt, so streaming it costs about
+#: one PCIe pass over its weights per new prompt and nothing for a cached prompt.
+ENCODER_PLACEMENTS = ("auto", "offload", "resident")
 
 _GIB = 1024 ** 3
+#: Room kept free beyond the weights: a 1024² USO step's activations (~1 GiB with SDPA), the fp32
+#: VAE decode at 1024² (~3 GiB; larger images are decoded in tiles) and allocator slack.
+DEFAULT_MARGIN_BYTES = 6 * _GIB
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -57,93 +83,321 @@ def free_memory(device: torch.device) -> int:
     return 1 << 62
 
 
-def module_bytes(module: nn.Module) -> int:
+def module_bytes(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
     return sum(p.numel() * p.element_size() for p in module.parameters()) + \
         sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def choose_memory_mode(mode: str, device: torch.device, transformer_bytes: int,
-                       others_bytes: int, margin_bytes: int = 6 * _GIB) -> str:
-    """The fastest placement that fits: everything resident, else one model at a time, else
-    the transformer streamed block by block."""
+# ---------------------------------------------------------------------------------------------
+# Choosing a mode
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: str          # "gpu" | "model_offload" | "group_offload"
+    encoders: str      # "resident" | "offload"
+    reason: str        # one line for logs and the benchmark
+
+
+def plan_memory(mode: str, encoders: str, device: torch.device, transformer_bytes: int,
+                encoder_bytes: int, vae_bytes: int, margin_bytes: int = DEFAULT_MARGIN_BYTES,
+                free_bytes: int | None = None) -> MemoryPlan:
+    """The placement to use. "auto" picks the fastest that fits `free_bytes` (the device's free
+    memory when None), keeping `margin_bytes` for activations:
+
+    1. everything resident (transformer + VAE + encoders) -- no transfers at all;
+    2. transformer + VAE resident, encoders streamed -- one pass over T5 per *new* prompt;
+    3. model offload -- the transformer moves in for sampling and out for the VAE decode;
+    4. group offload -- the transformer is streamed block by block every step.
+
+    `encoders` ("auto" | "offload" | "resident") only matters in "gpu" mode; "auto" keeps them
+    resident when they fit beside everything else.
+    """
     if mode not in MEMORY_MODES:
         raise InputError(f"memory: '{mode}' is not one of {', '.join(MEMORY_MODES)}.")
+    if encoders not in ENCODER_PLACEMENTS:
+        raise InputError(f"encoders: '{encoders}' is not one of {', '.join(ENCODER_PLACEMENTS)}.")
+    on_gpu = device.type == "cuda" or free_bytes is not None
+    free = free_bytes if free_bytes is not None else free_memory(device)
+    gib = lambda n: f"{n / _GIB:.1f} GiB"  # noqa: E731
+    everything = transformer_bytes + vae_bytes + encoder_bytes + margin_bytes
+    lean = transformer_bytes + vae_bytes + margin_bytes
+
     if mode != "auto":
-        return mode
-    if device.type != "cuda":
-        return "gpu"
-    free = free_memory(device)
-    if transformer_bytes + others_bytes + margin_bytes <= free:
-        return "gpu"
+        if mode == "gpu" and encoders == "auto":
+            resident = not on_gpu or everything <= free
+            return MemoryPlan("gpu", "resident" if resident else "offload",
+                              "encoders fit beside the transformer" if resident else
+                              f"encoders streamed: {gib(everything)} needed with them, {gib(free)} free")
+        placed = encoders if mode == "gpu" else "offload"
+        return MemoryPlan(mode, "resident" if placed == "auto" else placed, f"memory='{mode}' chosen")
+    if not on_gpu:
+        placed = "resident" if encoders == "auto" else encoders
+        return MemoryPlan("gpu", placed, f"{device.type}: nothing to offload")
+    if encoders != "offload" and everything <= free:
+        return MemoryPlan("gpu", "resident", f"all models fit: {gib(everything)} of {gib(free)} free")
+    if encoders != "resident" and lean <= free:
+        return MemoryPlan("gpu", "offload", f"transformer + VAE fit ({gib(lean)} of {gib(free)} free); "
+                                            "encoders streamed")
     if transformer_bytes + margin_bytes <= free:
-        return "model_offload"
-    return "group_offload"
+        return MemoryPlan("model_offload", "offload",
+                          f"transformer alone fits ({gib(transformer_bytes + margin_bytes)} of {gib(free)})")
+    return MemoryPlan("group_offload", "offload",
+                      f"transformer ({gib(transformer_bytes)}) does not fit in {gib(free)} free with a "
+                      f"{gib(margin_bytes)} margin; streamed block by block")
+
+
+def choose_memory_mode(mode: str, device: torch.device, transformer_bytes: int,
+                       others_bytes: int, margin_bytes: int = DEFAULT_MARGIN_BYTES,
+                       free_bytes: int | None = None) -> str:
+    """The memory mode alone (`plan_memory` with every other model counted as resident)."""
+    return plan_memory(mode, "auto", device, transformer_bytes, others_bytes, 0, margin_bytes,
+                       free_bytes).mode
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 storage (diffusers layerwise casting)
+# ---------------------------------------------------------------------------------------------
+
+def enable_fp8_storage(transformer: nn.Module, compute: torch.dtype, storable) -> int:
+    """Store every Linear weight whose module name passes `storable` in float8 (fp8 files keep
+    their own fp8 dtype, other weights become float8_e4m3fn, saturating at +-448) and upcast it to
+    `compute` per layer at run time, with diffusers' layerwise casting hook. The LoRA of an unfused
+    `LoraLinear` is not a Linear and stays in `compute`. Returns how many layers are stored in fp8."""
+    from diffusers.hooks import apply_layerwise_casting_hook
+
+    count = 0
+    for name, module in transformer.named_modules():
+        if type(module) is not nn.Linear or not storable(name):
+            continue
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("layerwise_casting") is not None:
+            continue
+        storage = module.weight.dtype if module.weight.dtype in FP8_DTYPES else torch.float8_e4m3fn
+        apply_layerwise_casting_hook(module, storage, compute, non_blocking=False)
+        count += 1
+    return count
+
+
+def fp8_layers(transformer: nn.Module) -> list[str]:
+    """Names of the Linears stored in fp8 (for tests and the benchmark)."""
+    return [n for n, m in transformer.named_modules()
+            if type(m) is nn.Linear and m.weight.dtype in FP8_DTYPES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement
+# ---------------------------------------------------------------------------------------------
+
+def _send_to_device(obj, device, non_blocking: bool = False, skip_keys=None):
+    """accelerate.utils.send_to_device, for diffusers' group offloading when accelerate is absent."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_send_to_device(o, device, non_blocking, skip_keys) for o in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_send_to_device(o, device, non_blocking, skip_keys) for o in obj)
+    if isinstance(obj, dict):
+        skip = skip_keys if isinstance(skip_keys, (list, tuple, set)) else ([skip_keys] if skip_keys else [])
+        return type(obj)({k: v if k in skip else _send_to_device(v, device, non_blocking, skip_keys)
+                          for k, v in obj.items()})
+    return obj
+
+
+def _group_offloading_module():
+    """diffusers' group offloading, usable without the accelerate package (it only needs
+    accelerate's `send_to_device`, which we provide when accelerate is not installed)."""
+    from diffusers.hooks import group_offloading
+
+    if not hasattr(group_offloading, "send_to_device"):
+        group_offloading.send_to_device = _send_to_device
+    return group_offloading
+
+
+def has_group_offload(module: nn.Module) -> bool:
+    for m in module.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("group_offloading") is not None:
+            return True
+    return False
+
+
+_has_group_offload = has_group_offload  # old private name
 
 
 class Placement:
-    """Moves models to the run device when used and back to the CPU when idle, per mode."""
+    """Where each model lives, per memory mode, and moving it there when it runs.
 
-    def __init__(self, mode: str, device: torch.device):
+    `setup` once; `use(module)` around every run of a module; `release` when ComfyUI wants the
+    memory back; `restore` (or simply the next `use`) puts things back.
+    """
+
+    def __init__(self, mode: str, device: torch.device, encoders: str = "resident"):
+        if mode not in MEMORY_MODES[1:]:
+            raise InputError(f"memory: '{mode}' must be resolved to one of {', '.join(MEMORY_MODES[1:])}.")
         self.mode = mode
-        self.device = device
+        self.device = torch.device(device)
+        self.encoders = encoders
         self._offload_device = torch.device("cpu")
+        self._streamed: set[int] = set()           # ids of modules under diffusers group offloading
+        self._resident: list[nn.Module] = []      # kept on the device in "gpu" mode
+        self._host: dict[int, list] = {}           # model_offload: host copies of the tensors
+        self._onloaded: nn.Module | None = None    # model_offload: the one model on the device
 
-    def setup(self, transformer: nn.Module, others: list[nn.Module]) -> None:
-        if self.device.type == "cpu":
-            return
+    @property
+    def moves(self) -> bool:
+        """Whether models actually change device (False on a CPU-only run)."""
+        return self.device.type != "cpu"
+
+    @property
+    def use_stream(self) -> bool:
+        return self.device.type == "cuda"
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def setup(self, transformer: nn.Module, others: list[nn.Module],
+              encoders: list[nn.Module] | None = None) -> None:
+        """Install the mode. `encoders` (a subset of `others`) are streamed unless this is "gpu"
+        mode with resident encoders."""
+        others = [m for m in others if m is not None]
+        stream_encoders = self.mode != "gpu" or self.encoders == "offload"
+        streamed = [m for m in (encoders or []) if m is not None] if stream_encoders else []
+        if self.mode == "group_offload":
+            self._stream(transformer, "block_level")
+        for module in streamed:
+            self._stream(module, "leaf_level")
+        placed = [m for m in [transformer, *others] if id(m) not in self._streamed]
         if self.mode == "gpu":
-            transformer.to(self.device)
-            for m in others:
-                m.to(self.device)
+            self._resident = placed
+            if self.moves:
+                for m in placed:
+                    m.to(self.device)
+        elif self.mode == "model_offload":
+            if self.moves:
+                for m in placed:
+                    self._keep_host_copy(m)
         elif self.mode == "group_offload":
-            transformer.enable_group_offload(onload_device=self.device,
-                                             offload_device=self._offload_device,
-                                             offload_type="block_level", num_blocks_per_group=1,
-                                             use_stream=True)
+            # The VAE (and the encoders if asked to stay) are small next to the streamed transformer.
+            self._resident = placed
+            if self.moves:
+                for m in placed:
+                    m.to(self.device)
+
+    def _stream(self, module: nn.Module, offload_type: str) -> None:
+        if id(module) in self._streamed or has_group_offload(module):
+            self._streamed.add(id(module))
+            return
+        group_offloading = _group_offloading_module()
+        kwargs = dict(onload_device=self.device, offload_device=self._offload_device,
+                      offload_type=offload_type, use_stream=self.use_stream,
+                      record_stream=self.use_stream, non_blocking=self.use_stream,
+                      low_cpu_mem_usage=False)
+        if offload_type == "block_level":
+            kwargs["num_blocks_per_group"] = 1
+        group_offloading.apply_group_offloading(module, **kwargs)
+        self._streamed.add(id(module))
+
+    def _keep_host_copy(self, module: nn.Module) -> None:
+        """Pinned host copies of a module's tensors: onloading is one fast copy each way in, and
+        offloading only points the tensors back at them (inference never writes weights)."""
+        tensors = []
+        for t in [*module.parameters(), *module.buffers()]:
+            data = t.data.to(self._offload_device)
+            if self.device.type == "cuda":
+                try:
+                    data = data.pin_memory()
+                except RuntimeError:
+                    pass
+            t.data = data
+            tensors.append((t, data))
+        self._host[id(module)] = tensors
+
+    # -- running ---------------------------------------------------------------------------
+
+    def is_streamed(self, module: nn.Module) -> bool:
+        return id(module) in self._streamed
+
+    def on_device(self, module: nn.Module) -> bool:
+        first = next(iter([*module.parameters(), *module.buffers()]), None)
+        return first is None or first.device.type == self.device.type
 
     @contextmanager
     def use(self, module: nn.Module, keep: bool = False):
-        """Run `module` on the device; afterwards send it back unless it stays resident.
-
-        `keep=False` for T5 and the other encoders in offload modes: they leave the GPU right
-        after encoding so the transformer has the room."""
-        moved = self.device.type != "cpu" and self.mode == "model_offload" and not _has_group_offload(module)
-        if moved:
-            module.to(self.device)
-        try:
+        """Run `module` on the device. Streamed modules move themselves; in "gpu" mode a module
+        that was released is put back and stays; in "model_offload" every other model leaves the
+        device first, and `module` stays there after the run when `keep`, else leaves at once."""
+        if not self.moves or self.is_streamed(module):
             yield module
-        finally:
-            if moved and not keep:
-                module.to(self._offload_device)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            return
+        if self.mode == "model_offload":
+            self._onload_exclusive(module)
+            try:
+                yield module
+            finally:
+                if not keep:
+                    self._offload(module)
+            return
+        if not self.on_device(module):
+            module.to(self.device)
+        yield module
+
+    def _onload_exclusive(self, module: nn.Module) -> None:
+        if self._onloaded is module and self.on_device(module):
+            return
+        if self._onloaded is not None:
+            self._offload(self._onloaded)
+        self._onload_tensors(module)
+        self._onloaded = module
+
+    def _offload(self, module: nn.Module) -> None:
+        self._offload_tensors(module)
+        if self._onloaded is module:
+            self._onloaded = None
+        self._empty_cache()
+
+    def _onload_tensors(self, module: nn.Module) -> None:
+        if id(module) not in self._host:
+            self._keep_host_copy(module)
+        for t, data in self._host[id(module)]:
+            t.data = data.to(self.device, non_blocking=data.is_pinned())
+
+    def _offload_tensors(self, module: nn.Module) -> None:
+        host = self._host.get(id(module))
+        if host is None:
+            module.to(self._offload_device)
+            return
+        for t, data in host:
+            t.data = data
 
     def release(self, modules: list[nn.Module]) -> None:
         """Everything off the GPU (ComfyUI asked for its memory back)."""
-        if self.device.type == "cpu":
+        if not self.moves:
             return
         for m in modules:
-            if not _has_group_offload(m):
+            if m is None or self.is_streamed(m):
+                continue
+            if id(m) in self._host:
+                if self._onloaded is m:
+                    self._offload(m)
+            else:
                 m.to(self._offload_device)
+        self._onloaded = None
+        self._empty_cache()
+
+    def restore(self, transformer: nn.Module, others: list[nn.Module]) -> None:
+        """Put released models back where the mode keeps them (offload modes onload lazily)."""
+        if not self.moves or self.mode == "model_offload":
+            return
+        for m in [transformer, *others]:
+            if m is not None and not self.is_streamed(m) and not self.on_device(m) and \
+                    (not self._resident or any(m is r for r in self._resident)):
+                m.to(self.device)
+
+    def _empty_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def restore(self, transformer: nn.Module, others: list[nn.Module]) -> None:
-        if self.mode == "gpu" and self.device.type != "cpu":
-            self.setup(transformer, others)
-
-
-def _has_group_offload(module: nn.Module) -> bool:
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook("group_offloading") is not None
-
-
-def enable_fp8_storage(transformer: nn.Module, compute: torch.dtype, storable) -> None:
-    """Layerwise casting: fp8 weights upcast per layer at run time. Our skip list stores the
-    modulation Linears in fp8 as well (diffusers' default keeps them in bf16, ~3.2 B params)."""
-    from diffusers.hooks import apply_layerwise_casting_hook
-
-    for name, module in transformer.named_modules():
-        if isinstance(module, nn.Linear) and type(module) is nn.Linear and storable(name) \
-                and module.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            apply_layerwise_casting_hook(module, module.weight.dtype, compute, non_blocking=False)
+    def describe(self) -> str:
+        return f"memory={self.mode}, encoders={'offload' if self.mode != 'gpu' else self.encoders}"
