@@ -56,13 +56,15 @@ def list_model_files(folder: str) -> list[str]:
     """Names (relative to their folder, '/' separated) of the weight files in a model folder."""
     if folder == "diffusers":
         return list_diffusers_folders()
+    found: set[str] = set()
     if _folder_paths is not None:
         try:
-            names = _folder_paths.get_filename_list(folder)
+            found.update(n for n in _folder_paths.get_filename_list(folder)
+                         if n.lower().endswith(_WEIGHT_EXTENSIONS))
         except KeyError:
-            names = []
-        return [n for n in names if n.lower().endswith(_WEIGHT_EXTENSIONS)]
-    found: set[str] = set()
+            pass
+    # Walked ourselves outside ComfyUI, and inside it for what folder_paths filters out (.gguf
+    # is not one of ComfyUI's own weight extensions unless a GGUF pack registers it).
     for root in model_folder_paths(folder):
         for dirpath, _dirs, files in os.walk(root, followlinks=True):
             for f in files:
@@ -120,9 +122,8 @@ def comfy_tokenizer_dirs() -> dict[str, str]:
     """The CLIP-L and T5 tokenizer folders ComfyUI ships, when running inside ComfyUI."""
     if _mm is None:
         return {}
-    import comfy  # noqa: PLC0415 - only inside ComfyUI
-
-    base = os.path.dirname(comfy.__file__)
+    # `comfy` is a namespace package (no __file__); model_management.py lives in it.
+    base = os.path.dirname(os.path.abspath(_mm.__file__))
     dirs = {
         "clip_l": os.path.join(base, "sd1_tokenizer"),
         "t5": os.path.join(base, "text_encoders", "t5_tokenizer"),
