@@ -19,7 +19,10 @@ JPEG_QUALITY = 95
 
 
 def frames(image, input_name: str) -> list[Image.Image]:
-    """RGB PIL images, one per batch element of an IMAGE input."""
+    """RGB PIL images, one per batch element of an IMAGE input, or from a list of PIL images (the
+    command line's and Python API's image files, which need not share one size)."""
+    if isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image):
+        return [i.convert("RGB") for i in image]
     try:
         return image_batch_to_pils(image, input_name)
     except (TypeError, ValueError) as exc:

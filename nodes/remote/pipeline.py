@@ -60,8 +60,8 @@ class RemoteInputs:
     output_format: str
     safety_checker: bool
     timeout_s: int
-    subject_image: Any = None  # IMAGE tensor or None
-    style_images: Any = None  # IMAGE tensor or None; each batch element is one style
+    subject_image: Any = None  # IMAGE tensor (or a list of PIL images) or None
+    style_images: Any = None  # IMAGE tensor (or a list of PIL images) or None; each element is one style
 
 
 @dataclass

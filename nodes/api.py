@@ -1,0 +1,295 @@
+"""USO from Python, without ComfyUI: load the models once, generate many times.
+
+Run from the pack folder (the folder holding ``nodes/``), or put that folder on ``sys.path``::
+
+    from nodes import api
+
+    uso = api.load(comfy_models="~/ComfyUI/models")      # or diffusers=..., transformer=..., ...
+    out = uso.generate("a woman in a red coat", subject="me.jpg", styles=["ink.png"], seed=7)
+    out.save("out/portrait.png")                           # PNG with its parameters embedded
+    out.images[0]                                          # PIL.Image
+
+    tiny = api.load(tiny=True)                             # random tiny models: a smoke test, noise
+    remote = api.remote("fal")                             # fal / AIML with FAL_KEY / AIML_API_KEY
+
+`generate` takes the parameters of the USO Generate node with the same defaults (width/height 1024,
+steps 25, guidance 4.0, seed 0, batch_size 1; style crop "reference", subject long side 512, shift
+"reference"). Image arguments are file paths or PIL images. Image i of a batch uses seed + i, and
+equals a single run with that seed. The engine underneath is `nodes.engine.USOPipeline`
+(`uso.pipeline`), for encodings reused across calls or latents.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from . import model_paths, png_info
+from .engine import EngineOptions, InputError, USOPipeline
+from .image_files import load_image
+
+ImageInput = Union[str, os.PathLike, Image.Image]
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+#: USO Generate's defaults (and USO Encode Style / Subject's), shared by the command line.
+DEFAULTS = dict(prompt="", width=1024, height=1024, keep_size=False, steps=25, guidance=4.0, seed=0,
+                batch_size=1, style_crop="reference", long_side=512, shift="reference")
+#: What --tiny / load(tiny=True) uses instead, so the whole path runs in seconds.
+TINY_DEFAULTS = dict(width=64, height=64, steps=4, long_side=64)
+#: USO Remote Generate's defaults where they differ (the providers' own default step count).
+REMOTE_DEFAULTS = dict(steps=28)
+TINY_NOTICE = ("SMOKE TEST (--tiny): random tiny models, no weights were loaded. This checks the "
+               "install end to end; the images are noise by design.")
+
+
+class Cancelled(Exception):
+    """The run was cancelled through `cancel()` (Ctrl-C on the command line)."""
+
+
+@dataclass
+class Output:
+    """What one `generate` call made."""
+
+    images: list[Image.Image]
+    seeds: list[int]                    # per image (remote: the seed the provider reports)
+    parameters: dict                    # what went in; written into each PNG
+    latents: object = None              # (B, 16, H/8, W/8) unscaled FLUX latents (local only)
+    warnings: list[str] = field(default_factory=list)
+
+    def image_parameters(self, i: int) -> dict:
+        return {**self.parameters, "seed": self.seeds[i], "image": f"{i + 1}/{len(self.images)}"}
+
+    def save(self, path: str | Sequence[str]) -> list[str]:
+        """Write PNGs with their parameters. One path: used as is for one image, else numbered
+        ``name_1.png``, ``name_2.png``...; or one path per image."""
+        if isinstance(path, (str, os.PathLike)):
+            path = os.fspath(path)
+            if len(self.images) == 1:
+                paths = [path]
+            else:
+                stem, ext = os.path.splitext(path)
+                paths = [f"{stem}_{i + 1}{ext or '.png'}" for i in range(len(self.images))]
+        else:
+            paths = [os.fspath(p) for p in path]
+            if len(paths) != len(self.images):
+                raise ValueError(f"{len(paths)} paths for {len(self.images)} images")
+        for i, (img, p) in enumerate(zip(self.images, paths)):
+            png_info.save_png(img, p, self.image_parameters(i))
+        return paths
+
+
+def _describe_image(image: ImageInput | None):
+    if image is None:
+        return None
+    if isinstance(image, Image.Image):
+        return f"<image {image.width}x{image.height}>"
+    return os.fspath(image)
+
+
+def _open(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    return load_image(os.fspath(image))
+
+
+def _styles_list(styles) -> list:
+    if styles is None:
+        return []
+    if isinstance(styles, (str, os.PathLike, Image.Image)):
+        return [styles]
+    return list(styles)
+
+
+class _Cancellable:
+    def __init__(self):
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the running `generate` (from another thread or a signal handler)."""
+        self._cancel.set()
+
+    def _start(self) -> None:
+        self._cancel.clear()
+
+
+class USO(_Cancellable):
+    """Local USO: the loaded models (`pipeline`) and `generate`."""
+
+    def __init__(self, pipeline: USOPipeline, backend: str = "local", models: dict | None = None):
+        super().__init__()
+        self.pipeline = pipeline
+        self.backend = backend                      # "local" or "tiny"
+        self.models = models or {}                  # slot -> file name, for the metadata
+        self.defaults = {**DEFAULTS, **(TINY_DEFAULTS if backend == "tiny" else {})}
+
+    def generate(self, prompt: str | None = None, *, subject: ImageInput | None = None,
+                 styles: ImageInput | Sequence[ImageInput] | None = None, width: int | None = None,
+                 height: int | None = None, keep_size: bool | None = None, steps: int | None = None,
+                 guidance: float | None = None, seed: int | None = None, batch_size: int | None = None,
+                 style_crop: str | None = None, long_side: int | None = None, shift: str | None = None,
+                 extra_references: bool = False,
+                 on_step: Callable[[int, int], None] | None = None) -> Output:
+        """Images for `prompt` (may be empty: with a subject and keep_size, a restyle).
+        Unset arguments take USO Generate's defaults (`self.defaults`). `on_step(done, total)`
+        runs after every denoising step of the batch."""
+        given = dict(prompt=prompt, width=width, height=height, keep_size=keep_size, steps=steps,
+                     guidance=guidance, seed=seed, batch_size=batch_size, style_crop=style_crop,
+                     long_side=long_side, shift=shift)
+        p = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
+        if not 0 <= int(p["seed"]) <= SEED_MAX:
+            raise InputError(f"seed: {p['seed']} is outside 0..{SEED_MAX}.")
+        seeds = [(int(p["seed"]) + k) % (SEED_MAX + 1) for k in range(int(p["batch_size"]))]  # like USO Generate
+        styles = _styles_list(styles)
+        self._start()
+
+        def step(done: int, total: int) -> None:
+            if self._cancel.is_set():
+                raise Cancelled("cancelled")
+            if on_step is not None:
+                on_step(done, total)
+
+        pipe = self.pipeline
+        style_enc = pipe.encode_style([_open(s) for s in styles], p["style_crop"]) if styles else None
+        subject_enc = pipe.encode_subject([_open(subject)], int(p["long_side"])) if subject is not None else None
+        extra = {"extra_references": True} if extra_references else {}
+        result = pipe.generate(p["prompt"], styles=style_enc, subjects=subject_enc, width=int(p["width"]),
+                               height=int(p["height"]), keep_size=bool(p["keep_size"]), steps=int(p["steps"]),
+                               guidance=float(p["guidance"]), seeds=seeds, shift=p["shift"], on_step=step, **extra)
+        as_bytes = (result.images * 255.0).round().clamp(0, 255).to("cpu").numpy().astype(np.uint8)
+        images = [Image.fromarray(frame, "RGB") for frame in as_bytes]
+        parameters = {
+            "prompt": p["prompt"], "subject": _describe_image(subject),
+            "styles": [_describe_image(s) for s in styles], "width": result.width, "height": result.height,
+            "keep_size": bool(p["keep_size"]), "steps": int(p["steps"]), "guidance": float(p["guidance"]),
+            "seed": seeds[0], "batch_size": len(seeds), "style_crop": p["style_crop"],
+            "long_side": int(p["long_side"]), "shift": p["shift"], "extra_references": bool(extra_references),
+            "backend": self.backend,
+            "precision": str(pipe.precision.compute).replace("torch.", ""), "memory": pipe.memory_mode,
+            "models": self.models, "software": png_info.software(),
+        }
+        if self.backend == "tiny":
+            parameters["note"] = TINY_NOTICE
+        return Output(images, list(result.seeds), parameters, result.latents)
+
+
+def load(*, tiny: bool = False, comfy_models: str | Sequence[str] | None = None,
+         extra_model_paths: str | Sequence[str] | None = None, diffusers: str | None = None,
+         transformer: str | None = None, vae: str | None = None, t5: str | None = None,
+         clip_l: str | None = None, siglip: str | None = None, uso_lora: str | None = None,
+         projector: str | None = None, tokenizers: str | None = None, precision: str = "auto",
+         memory: str = "auto", device: str | None = None,
+         on_load_step: Callable[[str], None] | None = None) -> USO:
+    """Load USO once. Files come from explicit paths (or names inside the ComfyUI folders), a
+    diffusers FLUX.1-dev folder, ComfyUI ``models/`` folders and extra_model_paths.yaml files
+    (see `nodes.model_paths`). ``tiny=True`` builds random tiny models instead (no files)."""
+    options = EngineOptions(precision=precision, memory=memory, device=device)
+    if tiny:
+        from .engine.random_models import build_random_models
+
+        if on_load_step:
+            on_load_step("random tiny models")
+        return USO(USOPipeline(build_random_models("tiny"), options), "tiny", {"models": "random-tiny"})
+    resolved = resolve_files(comfy_models=comfy_models, extra_model_paths=extra_model_paths, diffusers=diffusers,
+                             transformer=transformer, vae=vae, t5=t5, clip_l=clip_l, siglip=siglip,
+                             uso_lora=uso_lora, projector=projector, tokenizers=tokenizers)
+    options = EngineOptions(precision=precision, memory=memory, device=device,
+                            comfy_tokenizer_dirs=resolved.comfy_tokenizer_dirs)
+    pipe = USOPipeline.from_files(resolved.files, options, on_load_step)
+    return USO(pipe, "local", model_names(resolved.files))
+
+
+def resolve_files(**kwargs) -> model_paths.ResolvedModels:
+    """The files `load` would use (raises model_paths.ModelPathError naming each missing slot)."""
+    def as_list(v):
+        return [] if v is None else [os.fspath(v)] if isinstance(v, (str, os.PathLike)) else [os.fspath(x) for x in v]
+
+    explicit = {slot: os.fspath(kwargs[slot]) for slot in model_paths.SLOT_FLAGS if kwargs.get(slot)}
+    sources = model_paths.ModelSources(as_list(kwargs.get("comfy_models")), as_list(kwargs.get("extra_model_paths")),
+                                       kwargs.get("diffusers"), explicit, kwargs.get("tokenizers"))
+    return model_paths.resolve(sources)
+
+
+def model_names(files) -> dict:
+    """Slot -> file (or folder) name, without the machine's directories (for PNG metadata)."""
+    out = {}
+    for slot in ("transformer", "vae", "t5", "clip_l", "siglip", "uso_lora", "projector"):
+        path = getattr(files, slot)
+        out[slot] = os.path.basename(os.path.normpath(path)) if path else "(from transformer)"
+    return out
+
+
+class RemoteUSO(_Cancellable):
+    """USO on fal or AIML (`nodes.remote`), with `generate` like the local one.
+
+    Keys come from FAL_KEY / AIML_API_KEY or a key file (USO_REMOTE_KEYS_FILE, or
+    uso_remote_keys.json in the user directory of the ComfyUI this pack sits in); never printed.
+    """
+
+    POLL_INTERVAL_S = 1.0
+    BACKOFF_BASE_S = 0.5
+
+    def __init__(self, provider: str, *, timeout_s: int = 600, safety_checker: bool = True,
+                 output_format: str = "png", user_dir: str | None = None):
+        super().__init__()
+        from .remote import PROVIDERS
+
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider: '{provider}' is not one of {', '.join(PROVIDERS)}")
+        self.provider = provider
+        self.backend = provider
+        self.timeout_s, self.safety_checker, self.output_format = timeout_s, safety_checker, output_format
+        if user_dir is None:
+            root = model_paths.enclosing_comfyui()
+            user_dir = os.path.join(root, "user") if root else None
+        self.user_dir = user_dir
+        self.defaults = {**DEFAULTS, **REMOTE_DEFAULTS}
+
+    def generate(self, prompt: str | None = None, *, subject: ImageInput | None = None,
+                 styles: ImageInput | Sequence[ImageInput] | None = None, width: int | None = None,
+                 height: int | None = None, keep_size: bool | None = None, steps: int | None = None,
+                 guidance: float | None = None, seed: int | None = None, batch_size: int | None = None,
+                 negative_prompt: str = "", on_status: Callable[[str], None] | None = None,
+                 on_progress: Callable[[float], None] | None = None) -> Output:
+        """One request. seed 0 lets the provider pick (the seed used is in `Output.seeds`)."""
+        from .remote import Cancelled as RemoteCancelled
+        from .remote import Hooks, RemoteInputs, Settings, generate
+
+        given = dict(prompt=prompt, width=width, height=height, keep_size=keep_size, steps=steps,
+                     guidance=guidance, seed=seed, batch_size=batch_size)
+        p = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
+        styles = _styles_list(styles)
+        self._start()
+        inputs = RemoteInputs(
+            provider=self.provider, prompt=p["prompt"], size="custom", width=int(p["width"]),
+            height=int(p["height"]), keep_size=bool(p["keep_size"]), steps=int(p["steps"]),
+            guidance=float(p["guidance"]), seed=int(p["seed"]), num_images=int(p["batch_size"]),
+            negative_prompt=negative_prompt or "", output_format=self.output_format,
+            safety_checker=self.safety_checker, timeout_s=self.timeout_s,
+            subject_image=[_open(subject)] if subject is not None else None,
+            style_images=[_open(s) for s in styles] or None)
+        hooks = Hooks(is_cancelled=self._cancel.is_set, report=on_status or (lambda _t: None),
+                      progress=on_progress or (lambda _f: None))
+        settings = Settings.from_env(poll_interval_s=self.POLL_INTERVAL_S, backoff_base_s=self.BACKOFF_BASE_S)
+        try:
+            result = generate(inputs, user_dir=self.user_dir, hooks=hooks, settings=settings)
+        except RemoteCancelled:
+            raise Cancelled("cancelled") from None
+        w, h = result.images[0].size
+        parameters = {
+            "prompt": p["prompt"], "negative_prompt": negative_prompt or "", "subject": _describe_image(subject),
+            "styles": [_describe_image(s) for s in styles], "width": w, "height": h,
+            "keep_size": bool(p["keep_size"]), "steps": int(p["steps"]), "guidance": float(p["guidance"]),
+            "seed": int(result.seed), "requested_seed": int(p["seed"]), "batch_size": len(result.images),
+            "backend": self.provider, "request_id": result.request_id, "software": png_info.software(),
+        }
+        return Output([img.convert("RGB") for img in result.images], [int(result.seed)] * len(result.images),
+                      parameters, None, list(result.warnings))
+
+
+def remote(provider: str, **kwargs) -> RemoteUSO:
+    """USO on fal or AIML; kwargs: timeout_s, safety_checker, output_format, user_dir."""
+    return RemoteUSO(provider, **kwargs)
