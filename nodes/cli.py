@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from . import api, batch, model_paths
+from . import api, batch, manifest, model_paths
 from .engine import EngineOptions, TokenizerNotFoundError, USOError
 from .engine.memory import MEMORY_MODES, PRECISIONS
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "parameters take USO Generate's defaults.",
         epilog="Exit codes: 0 all jobs done or already there; 1 some jobs failed (the others ran); 2 usage, "
                "manifest or model-setup error (nothing generated); 130 cancelled (Ctrl-C). Manifest keys: "
-               + ", ".join(batch.FIELDS) + ".",
+               + ", ".join(manifest.FIELDS) + ".",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     job = p.add_argument_group("what to generate (also the defaults for every manifest row)")
     job.add_argument("--prompt", "-p", help="the prompt; may be empty (with --subject and --keep-size: a restyle)")
@@ -135,22 +135,22 @@ def defaults_for(kind: str) -> dict:
     base = dict(api.DEFAULTS, negative_prompt="", output=None, subject=None, styles=(), extra_references=False)
     if kind == "tiny":
         base.update(api.TINY_DEFAULTS)
-    elif kind not in batch.LOCAL_KINDS:
+    elif kind not in manifest.LOCAL_KINDS:
         base.update(api.REMOTE_DEFAULTS)
     return base
 
 
-def plan_jobs(args, kind: str) -> list[batch.Job]:
-    """The checked jobs; batch.ManifestError lists every problem."""
+def plan_jobs(args, kind: str) -> list[manifest.Job]:
+    """The checked jobs; manifest.ManifestError lists every problem."""
     given = {f: getattr(args, f) for f in JOB_FLAGS}
     defaults = defaults_for(kind)
     if not args.manifest:
-        return [batch.job_from_values(given, kind, defaults)]
-    checked, problems = batch.check_fields({k: v for k, v in given.items() if v is not None}, kind, os.getcwd(),
+        return [manifest.job_from_values(given, kind, defaults)]
+    checked, problems = manifest.check_fields({k: v for k, v in given.items() if v is not None}, kind, os.getcwd(),
                                            defaults)
     if problems:
-        raise batch.ManifestError([f"command line: {p}" for p in problems])
-    return batch.jobs_from_manifest(args.manifest, kind, checked)
+        raise manifest.ManifestError([f"command line: {p}" for p in problems])
+    return manifest.jobs_from_manifest(args.manifest, kind, checked)
 
 
 class _Interrupts:
@@ -229,7 +229,7 @@ def _make_backend(args, kind: str, resolved):
                          "tokenizer files are then used.") from exc
     except (USOError, OSError, ValueError) as exc:
         raise SetupError(str(exc)) from exc
-    if kind in batch.LOCAL_KINDS:
+    if kind in manifest.LOCAL_KINDS:
         pipe = backend.pipeline
         memory = f", memory {pipe.memory_mode}" if pipe.device.type != "cpu" else ""
         _err(f"models ready in {time.monotonic() - started:.1f} s on {pipe.device} "
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, kind: str) -> int:
     try:
         jobs = plan_jobs(args, kind)
-    except batch.ManifestError as exc:
+    except manifest.ManifestError as exc:
         for p in exc.problems:
             _err(f"error: {p}")
         _err(f"{len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}; nothing was generated.")
@@ -277,7 +277,7 @@ def _run(args, kind: str) -> int:
             resolved = api.resolve_files(**{f: getattr(args, f) for f in MODEL_FLAGS})
             for note in resolved.notes:
                 _err(f"  {note}")
-        elif kind not in batch.LOCAL_KINDS:
+        elif kind not in manifest.LOCAL_KINDS:
             _check_remote_key(kind)
     except (model_paths.ModelPathError, SetupError) as exc:
         for line in str(exc).splitlines():
@@ -290,7 +290,7 @@ def _run(args, kind: str) -> int:
         for job in jobs:
             paths = batch.output_paths(job, out_dir, kind, numbered)
             state = "exists" if all(os.path.exists(p) for p in paths) and not args.overwrite else "to do"
-            print(f"job {job.index} ({job.where}) [{state}]: {', '.join(batch._rel(p) for p in paths)}")
+            print(f"job {job.index} ({job.where}) [{state}]: {', '.join(batch.display_path(p) for p in paths)}")
         print(f"dry run: {len(jobs)} job{'s' if len(jobs) != 1 else ''} checked; nothing generated.")
         return EXIT_OK
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nodes import api, batch, cli, png_info
+from nodes import api, batch, cli, manifest, png_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,8 +211,9 @@ def test_explicit_model_paths(tiny_models, tmp_path, pictures, capsys):
         "--siglip", p["siglip_file"], "--uso-lora", p["lora_comfy"], "--projector", p["projector_comfy"],
         "--tokenizers", p["tokenizer_t5"].parent, "--prompt", "a photo of a cat", "--subject", pictures["subject"],
         "--style", pictures["style"], "--width", 48, "--height", 32, "--steps", 2, "--long-side", 64,
-        "--seed", 11, "--out", tmp_path / "out", "--output", "cat.png"], capsys)
+        "--seed", 11, "--out", tmp_path / "out", "--output", "cat.png", "--progress", "on"], capsys)
     assert code == 0, err
+    assert "step" in err and "job" in err  # the tqdm bars, forced on without a terminal
     params = png_info.read_parameters(str(tmp_path / "out" / "cat.png"))
     assert params["backend"] == "local" and params["seed"] == 11 and params["steps"] == 2
     assert params["models"]["transformer"] == "flux1-dev.safetensors"
@@ -381,8 +382,8 @@ def test_cancel_marks_the_rest_not_run(tmp_path):
             raise api.Cancelled("cancelled")
 
     defaults = cli.defaults_for("tiny")
-    jobs = [batch.job_from_values({"prompt": f"p{i}"}, "tiny", defaults) for i in range(3)]
-    jobs = [batch.Job(**{**j.__dict__, "index": i + 1}) for i, j in enumerate(jobs)]
+    jobs = [manifest.job_from_values({"prompt": f"p{i}"}, "tiny", defaults) for i in range(3)]
+    jobs = [manifest.Job(**{**j.__dict__, "index": i + 1}) for i, j in enumerate(jobs)]
     outcomes = batch.run_jobs(jobs, Backend, str(tmp_path), "tiny")
     assert [o.status for o in outcomes] == ["cancelled", "not run", "not run"] and Backend.calls == 1
     assert "1 cancelled, 2 not run" in batch.summary(outcomes, 1.0, str(tmp_path))
