@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -103,7 +104,7 @@ class Progress:
 
 def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, kind: str, *,
              overwrite: bool = False, numbered: bool = True, progress: Progress | None = None,
-             on_cancel_check: Callable[[], bool] = lambda: False) -> list[Outcome]:
+             on_cancel_check: Callable[[], bool] = lambda: False, tracebacks: bool = False) -> list[Outcome]:
     """Run every job; a failure is recorded and the next job runs. The backend is made (models
     loaded) only when the first job needs it, so a finished batch re-runs without loading.
     A KeyboardInterrupt or a cancel stops the batch: the rest is marked 'not run'."""
@@ -151,6 +152,8 @@ def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, k
             reason = _reason(exc)
             outcomes.append(Outcome(job, "failed", paths, reason, time.monotonic() - started))
             progress.line(f"{tag} FAILED {job.where}: {reason}")
+            if tracebacks:
+                progress.line(traceback.format_exc().rstrip())
         else:
             outcome = Outcome(job, "done", paths, "", time.monotonic() - started, list(result.warnings))
             outcomes.append(outcome)

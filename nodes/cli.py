@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--extra-references", action=argparse.BooleanOptionalAction, default=None,
                      help="allow more than two style images")
 
-    models = p.add_argument_group("model files (default: the ComfyUI installation this pack sits in)")
+    models = p.add_argument_group("model files (default: the folders of the ComfyUI installation this pack sits in)")
     models.add_argument("--tiny", action="store_true",
                         help="random tiny models: a seconds-long smoke test of the install; images are noise")
     models.add_argument("--comfy-models", metavar="DIR", action="append",
@@ -306,7 +306,7 @@ def _run(args, kind: str) -> int:
         with interrupts:
             outcomes = batch.run_jobs(jobs, get_backend, out_dir, kind, overwrite=args.overwrite,
                                       numbered=numbered, progress=progress,
-                                      on_cancel_check=lambda: interrupts.requested)
+                                      on_cancel_check=lambda: interrupts.requested, tracebacks=args.verbose)
     except SetupError as exc:
         progress.close()
         _err(f"error: {exc}")
@@ -321,7 +321,8 @@ def _run(args, kind: str) -> int:
     seconds = time.monotonic() - started
     print(batch.summary(outcomes, seconds, out_dir), flush=True)
     if kind == "tiny":
-        print("(--tiny smoke test: the images are noise by design; the install works.)")
+        works = all(o.status in ("done", "skipped") for o in outcomes)
+        print(f"(--tiny smoke test: the images are noise by design{'; the install works' if works else ''}.)")
     if args.summary_json:
         data = {"backend": kind, "seconds": round(seconds, 3), "out": out_dir,
                 "jobs": [o.as_dict() for o in outcomes]}

@@ -8,7 +8,7 @@ Sources, strongest first:
 2. a diffusers FLUX.1-dev folder (``--diffusers DIR``): transformer, VAE, T5, CLIP-L and tokenizers;
 3. ComfyUI model folders: a ``models/`` directory (``--comfy-models DIR``) and the folders listed in
    ``extra_model_paths.yaml`` files, searched for the catalog's default file names
-   (`model_catalog.SLOTS`). With none given, the ComfyUI installation this pack sits in
+   (`model_catalog.SLOTS`). Without either flag, the ComfyUI installation this pack sits in
    (``ComfyUI/custom_nodes/<pack>``) is used when there is one.
 
 VAE, T5 and CLIP-L come from the transformer itself when it is a ComfyUI all-in-one checkpoint or
@@ -56,10 +56,6 @@ class ModelSources:
     diffusers: str | None = None
     explicit: dict[str, str] = field(default_factory=dict)   # slot -> path or folder-relative name
     tokenizers: str | None = None
-
-    def empty(self) -> bool:
-        return not (self.comfy_models or self.extra_model_paths or self.diffusers or
-                    any(self.explicit.values()))
 
 
 @dataclass
@@ -182,12 +178,21 @@ def read_extra_model_paths(path: str) -> dict[str, list[str]]:
 
 
 def enclosing_comfyui(start: str | None = None) -> str | None:
-    """The ComfyUI root when this pack sits in ``<root>/custom_nodes/<pack>``, else None."""
+    """The ComfyUI root when this pack sits in ``<root>/custom_nodes/<pack>``, else None.
+
+    A pack linked into custom_nodes (a symlink) is found through the shell's working folder
+    ($PWD keeps the linked path) when the command runs from the pack folder.
+    """
     pack = os.path.dirname(os.path.dirname(os.path.abspath(start or __file__)))
-    custom_nodes = os.path.dirname(pack)
-    root = os.path.dirname(custom_nodes)
-    if os.path.basename(custom_nodes) == "custom_nodes" and os.path.isdir(os.path.join(root, "models")):
-        return root
+    candidates = [pack]
+    logical = os.environ.get("PWD", "") if start is None else ""
+    if logical and os.path.isdir(logical) and os.path.realpath(logical) == os.path.realpath(pack):
+        candidates.append(logical)
+    for folder in candidates:
+        custom_nodes = os.path.dirname(folder)
+        root = os.path.dirname(custom_nodes)
+        if os.path.basename(custom_nodes) == "custom_nodes" and os.path.isdir(os.path.join(root, "models")):
+            return root
     return None
 
 
@@ -311,12 +316,13 @@ def _embeds_text_and_vae(transformer: str) -> bool:
 
 
 def with_installation_defaults(sources: ModelSources) -> tuple[ModelSources, list[str]]:
-    """`sources` completed the way ComfyUI itself would see the files: with nothing given, the
-    ComfyUI installation around this pack; next to each ``models/`` directory, its
-    ``extra_model_paths.yaml`` (ComfyUI loads that file from its root)."""
+    """`sources` completed the way ComfyUI itself would see the files: without --comfy-models
+    or --extra-model-paths, the ComfyUI installation around this pack (explicit files still win);
+    next to each ``models/`` directory, its ``extra_model_paths.yaml`` (ComfyUI reads that file
+    from its root)."""
     notes = []
     comfy_models = list(sources.comfy_models)
-    if sources.empty():
+    if not comfy_models and not sources.extra_model_paths:
         root = enclosing_comfyui()
         if root:
             comfy_models = [os.path.join(root, "models")]

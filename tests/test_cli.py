@@ -257,8 +257,10 @@ def test_comfy_models_folder_with_extra_model_paths(tiny_models, tmp_path, pictu
     assert params["models"]["t5"] == "t5xxl_fp16.safetensors" and params["models"]["uso_lora"].startswith("uso-flux1")
 
 
-def test_model_file_resolution_rules(tiny_models, tmp_path):
+def test_model_file_resolution_rules(tiny_models, tmp_path, monkeypatch):
     from nodes import model_paths as mp
+
+    monkeypatch.setenv("PWD", str(tmp_path))  # not run from a pack linked into a ComfyUI
 
     comfy = _comfy_install(tmp_path, tiny_models)
     resolved = api.resolve_files(comfy_models=str(comfy / "models"))
@@ -419,3 +421,25 @@ def test_readme_shows_the_commands():
     for flag in ("--manifest", "--comfy-models", "--extra-model-paths", "--diffusers", "--tokenizers", "--provider",
                  "--overwrite", "--tiny", "--summary-json"):
         assert flag in usage and flag in text
+
+
+def test_the_comfyui_installation_around_the_pack_is_the_default(tmp_path, monkeypatch):
+    from nodes import model_paths as mp
+
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "models").mkdir(parents=True)
+    (comfy / "custom_nodes").mkdir()
+    (comfy / "extra_model_paths.yaml").write_text("x:\n    loras: /somewhere/loras\n")
+    assert mp.enclosing_comfyui(str(comfy / "custom_nodes" / "pack" / "nodes" / "model_paths.py")) == str(comfy)
+    assert mp.enclosing_comfyui(str(tmp_path / "pack" / "nodes" / "model_paths.py")) is None
+    # A pack linked into custom_nodes, run from its folder: found through $PWD (getcwd resolves the link).
+    os.symlink(ROOT, comfy / "custom_nodes" / "comfyui-uso")
+    monkeypatch.setenv("PWD", str(comfy / "custom_nodes" / "comfyui-uso"))
+    assert mp.enclosing_comfyui() == str(comfy)
+    sources, notes = mp.with_installation_defaults(mp.ModelSources())
+    assert sources.comfy_models == [str(comfy / "models")]
+    assert sources.extra_model_paths == [str(comfy / "extra_model_paths.yaml")]
+    explicit, _ = mp.with_installation_defaults(mp.ModelSources(explicit={"transformer": "x.safetensors"}))
+    assert explicit.comfy_models == [str(comfy / "models")]  # explicit files win, the rest from ComfyUI
+    other, _ = mp.with_installation_defaults(mp.ModelSources(comfy_models=[str(tmp_path / "models")]))
+    assert other.comfy_models == [str(tmp_path / "models")] and other.extra_model_paths == []
