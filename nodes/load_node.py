@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge, pipeline_cache
-from .engine import EngineOptions, ModelFiles, USOError
+from .engine import EngineOptions, InputError, ModelFiles, USOError
 from .engine.memory import MEMORY_MODES, PRECISIONS
 from .engine.pipeline import LORA_MODES
 from .model_catalog import EMBEDDED_SLOTS, FROM_CHECKPOINT, SLOTS, choice_label, parse_choice, pick_default
@@ -120,6 +120,10 @@ class USOLoadModels:
 
     def load(self, transformer, vae, t5, clip_l, siglip, uso_lora, projector, precision="auto",
              memory="auto", lora_mode="auto", unique_id=None):
+        for name, value, choices in (("precision", precision, PRECISIONS), ("memory", memory, MEMORY_MODES),
+                                     ("lora_mode", lora_mode, LORA_MODES)):
+            if value not in choices:  # an API workflow skips no check, but fail before loading anything
+                raise InputError(f"{name}: '{value}' is not one of {', '.join(choices)}.")
         files = ModelFiles(transformer=resolve("transformer", transformer), vae=resolve("vae", vae),
                            t5=resolve("t5", t5), clip_l=resolve("clip_l", clip_l),
                            siglip=resolve("siglip", siglip), uso_lora=resolve("uso_lora", uso_lora),

@@ -12,6 +12,7 @@ import threading
 
 from . import comfy_bridge
 from .engine import EngineOptions, ModelFiles, USOPipeline
+from .engine.model_set import check_files
 
 _lock = threading.Lock()
 _current: tuple[tuple, USOPipeline] | None = None
@@ -31,6 +32,8 @@ def get_or_load(files: ModelFiles, options: EngineOptions, fingerprint: str,
     with _lock:
         if _current is not None and _current[0] == key:
             return _current[1]
+        # Headers only: a wrong or truncated file fails here, and the loaded model stays cached.
+        check_files(files)
         _current = None
         gc.collect()
         comfy_bridge.free_comfy_memory(1 << 62, comfy_bridge.torch_device())

@@ -65,6 +65,10 @@ def load_uso_lora(path: str) -> tuple[list[LoraPart], int]:
                                  f"{'up' if 'down' in tensors else 'down'} weight of {kind}.{block} "
                                  f"{op}_lora{stream or ''}; the file is incomplete.")
         down, up = tensors["down"], tensors["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ModelFileError(f"uso_lora: '{name}' has a {kind}.{block} {op}_lora{stream or ''} whose down "
+                                 f"{list(down.shape)} and up {list(up.shape)} weights do not fit together "
+                                 "(different ranks); the file is damaged or not a USO LoRA.")
         ranks.add(down.shape[0])
         targets = _targets(kind, block, op, stream)
         rows = up.shape[0] // len(targets)
@@ -81,13 +85,14 @@ def check_fits(parts: list[LoraPart], model: nn.Module, name: str) -> None:
         layer = modules.get(part.module)
         if layer is None:
             raise ModelFileError(f"uso_lora: '{name}' targets {part.module}, which this transformer "
-                                 "lacks; the LoRA is for a different model.")
+                                 f"lacks; the LoRA is for a different model. Pick {detect.EXPECTED['uso_lora']}.")
         weight = layer.base.weight if isinstance(layer, LoraLinear) else layer.weight
         out_f, in_f = _logical_shape(weight)
         if part.up.shape[0] != out_f or part.down.shape[1] != in_f:
             raise ModelFileError(
                 f"uso_lora: '{name}' does not fit this transformer ({part.module} is {in_f}->{out_f}, "
-                f"the LoRA is {part.down.shape[1]}->{part.up.shape[0]}); it is for a different model.")
+                f"the LoRA is {part.down.shape[1]}->{part.up.shape[0]}); it is for a different model. "
+                f"Pick {detect.EXPECTED['uso_lora']}.")
 
 
 def _logical_shape(weight: torch.Tensor) -> tuple[int, int]:

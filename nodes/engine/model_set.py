@@ -3,13 +3,14 @@ the pieces belong together (widths of T5/CLIP/projector against the transformer)
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 
-from . import loaders, lora, tokenizers
-from .detect import AIO_PREFIXES, has_prefix
+from . import detect, loaders, lora, tokenizers
+from .detect import AIO_PREFIXES, EXPECTED, has_prefix
 from .errors import ModelFileError
 from .loaders import Component
 from .memory import Precision
@@ -50,6 +51,11 @@ class LoadedModels:
     lora_name: str = "uso_lora"
     style_owner: str = ""              # encodings from models with equal owners are interchangeable
     subject_owner: str = ""
+    file_names: dict = field(default_factory=dict)  # slot -> file name, for messages
+
+    def _file(self, slot: str) -> str:
+        name = self.file_names.get(slot)
+        return f"'{name}'" if name else f"the {slot} file"
 
     @property
     def hidden_size(self) -> int:
@@ -59,13 +65,14 @@ class LoadedModels:
         cfg = self.transformer_config
         t5_width = self.t5.config.d_model
         if t5_width != cfg["joint_attention_dim"]:
-            raise ModelFileError(f"t5: the T5 encoder outputs {t5_width}-wide tokens but the transformer "
-                                 f"expects {cfg['joint_attention_dim']}; pick the T5-XXL encoder that "
-                                 "goes with FLUX.1-dev.")
+            raise ModelFileError(f"t5: {self._file('t5')} outputs {t5_width}-wide tokens but the transformer "
+                                 f"{self._file('transformer')} expects {cfg['joint_attention_dim']}; pick "
+                                 f"{EXPECTED['t5']} (the one that goes with FLUX.1-dev).")
         clip_width = self.clip.config.hidden_size
         if clip_width != cfg["pooled_projection_dim"]:
-            raise ModelFileError(f"clip_l: the CLIP encoder outputs {clip_width} values but the transformer "
-                                 f"expects {cfg['pooled_projection_dim']}; pick CLIP-L.")
+            raise ModelFileError(f"clip_l: {self._file('clip_l')} outputs {clip_width} values but the "
+                                 f"transformer {self._file('transformer')} expects "
+                                 f"{cfg['pooled_projection_dim']}; pick {EXPECTED['clip_l']}.")
         proj = self.projector
         siglip_tokens = proj.high_embedding_linear[0].in_features
         siglip_dim = proj.high_layer_norm.normalized_shape[0]
@@ -73,13 +80,14 @@ class LoadedModels:
         grid = (scfg.image_size // scfg.patch_size) ** 2
         if (siglip_tokens, siglip_dim) != (grid, scfg.hidden_size):
             raise ModelFileError(
-                f"projector: it expects SigLIP features of {siglip_tokens} tokens x {siglip_dim}, but "
-                f"the SigLIP model gives {grid} x {scfg.hidden_size}; pick the SigLIP so400m "
-                "patch14-384 encoder.")
+                f"projector: {self._file('projector')} expects SigLIP features of {siglip_tokens} tokens x "
+                f"{siglip_dim}, but the SigLIP model {self._file('siglip')} gives {grid} x "
+                f"{scfg.hidden_size}; pick {EXPECTED['siglip']} and {EXPECTED['projector']}.")
         if proj.high_projection.out_features != self.hidden_size:
             raise ModelFileError(
-                f"projector: it makes {proj.high_projection.out_features}-wide tokens but the "
-                f"transformer is {self.hidden_size} wide; the projector belongs to another model.")
+                f"projector: {self._file('projector')} makes {proj.high_projection.out_features}-wide "
+                f"tokens but the transformer {self._file('transformer')} is {self.hidden_size} wide; the "
+                f"projector belongs to another model. Pick {EXPECTED['projector']}.")
         lora.check_fits(self.lora_parts, self.transformer, self.lora_name)
 
 
@@ -101,24 +109,67 @@ def _component(slot: str, explicit: str | None, transformer_path: str, is_aio: b
                          f"is an all-in-one checkpoint or a diffusers folder; pick a {slot} file.")
 
 
+@contextmanager
+def _slot(slot: str):
+    """A file error while loading one slot starts with the slot's name: the input to change."""
+    try:
+        yield
+    except ModelFileError as exc:
+        if str(exc).startswith(f"{slot}:"):
+            raise
+        raise type(exc)(f"{slot}: {exc}") from exc
+
+
+#: What each file slot's loader accepts (detect.classify kinds).
+_ACCEPTED = {"vae": ("flux_ae_bfl", "flux_ae_diffusers"), "t5": ("t5",), "clip_l": ("clip_l",),
+             "siglip": ("siglip",), "uso_lora": ("uso_lora",), "projector": ("uso_projector",)}
+
+
+def check_files(files: ModelFiles) -> None:
+    """Read only the headers of every chosen file: a missing, truncated or wrong file fails here in
+    well under a second, before anything is loaded (or an already loaded model is given up)."""
+    path = files.transformer
+    with _slot("transformer"):
+        component, _layout = loaders.transformer_component(path)
+    in_folder, is_aio = os.path.isdir(path), bool(component.prefix)
+    for slot, explicit, sub in (("vae", files.vae, "vae"), ("t5", files.t5, "text_encoder_2"),
+                                ("clip_l", files.clip_l, "text_encoder")):
+        with _slot(slot):
+            source = loaders._source(_component(slot, explicit, path, is_aio, in_folder, sub))
+            detect.require_kind(source, slot, _ACCEPTED[slot])
+    with _slot("siglip"):
+        source = loaders._source(loaders.siglip_component(files.siglip))
+        detect.require_kind(source, "siglip", _ACCEPTED["siglip"])
+    for slot, file in (("uso_lora", files.uso_lora), ("projector", files.projector)):
+        with _slot(slot):
+            detect.require_kind(open_weights(file), slot, _ACCEPTED[slot])
+
+
 def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: dict | None = None,
                 on_step: Callable[[str], None] | None = None) -> LoadedModels:
     step = on_step or (lambda _what: None)
     path = files.transformer
-    component, _layout = loaders.transformer_component(path)
+    with _slot("transformer"):
+        component, _layout = loaders.transformer_component(path)
     in_folder, is_aio = os.path.isdir(path), bool(component.prefix)
 
     step("transformer")
-    transformer, cfg = loaders.load_transformer(path, precision.compute, precision.fp8_storage)
+    with _slot("transformer"):
+        transformer, cfg = loaders.load_transformer(path, precision.compute, precision.fp8_storage)
     step("uso_lora")
-    parts, rank = lora.load_uso_lora(files.uso_lora)
+    with _slot("uso_lora"):
+        parts, rank = lora.load_uso_lora(files.uso_lora)
     step("vae")
-    vae = loaders.load_vae(_component("vae", files.vae, path, is_aio, in_folder, "vae"), precision.vae)
+    with _slot("vae"):
+        vae = loaders.load_vae(_component("vae", files.vae, path, is_aio, in_folder, "vae"), precision.vae)
     step("t5")
-    t5 = loaders.load_t5(_component("t5", files.t5, path, is_aio, in_folder, "text_encoder_2"), precision.text)
-    step("clip_l")
-    clip = loaders.load_clip(_component("clip_l", files.clip_l, path, is_aio, in_folder, "text_encoder"),
+    with _slot("t5"):
+        t5 = loaders.load_t5(_component("t5", files.t5, path, is_aio, in_folder, "text_encoder_2"),
                              precision.text)
+    step("clip_l")
+    with _slot("clip_l"):
+        clip = loaders.load_clip(_component("clip_l", files.clip_l, path, is_aio, in_folder, "text_encoder"),
+                                 precision.text)
     step("tokenizers")
     diffusers_root = path if in_folder else None
     dirs = comfy_tokenizer_dirs or {}
@@ -126,14 +177,19 @@ def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: d
     clip_tok = tokenizers.load_tokenizer("clip_l", tokenizers.tokenizer_roots(files.tokenizer_dir, diffusers_root,
                                                                               dirs, "clip_l"))
     step("siglip")
-    siglip, siglip_layers = loaders.load_siglip(loaders.siglip_component(files.siglip), precision.vision)
+    with _slot("siglip"):
+        siglip, siglip_layers = loaders.load_siglip(loaders.siglip_component(files.siglip), precision.vision)
     step("projector")
-    projector = loaders.load_projector(files.projector, precision.compute)
+    with _slot("projector"):
+        projector = loaders.load_projector(files.projector, precision.compute)
+    names = {"transformer": path, "vae": files.vae or path, "t5": files.t5 or path,
+             "clip_l": files.clip_l or path, "siglip": files.siglip, "projector": files.projector}
     models = LoadedModels(
         transformer=transformer, transformer_config=cfg, vae=vae, t5=t5, clip=clip,
         t5_tokenizer=t5_tok, clip_tokenizer=clip_tok, siglip=siglip, siglip_layers=siglip_layers,
         projector=projector, lora_parts=parts, lora_rank=rank, lora_name=os.path.basename(files.uso_lora),
         style_owner=f"{os.path.realpath(files.siglip)}|{os.path.realpath(files.projector)}|{precision.compute}",
-        subject_owner=f"{os.path.realpath(files.vae or path)}|{precision.vae}")
+        subject_owner=f"{os.path.realpath(files.vae or path)}|{precision.vae}",
+        file_names={slot: os.path.basename(p.rstrip("/\\")) for slot, p in names.items()})
     models.check_consistency()
     return models

@@ -114,13 +114,24 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{name}: this is not a safetensors file (its header is not JSON). "
                              "Pick a .safetensors weight file.") from exc
+    not_safetensors = ModelFileError(f"{name}: this is not a safetensors file (its header does not list "
+                                     "tensors). Pick a .safetensors weight file, or download it again.")
+    if not isinstance(header, dict):
+        raise not_safetensors
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        metadata = {}
     infos: dict[str, TensorInfo] = {}
     data_end = 0
     for key, entry in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"), entry.get("dtype"))
-        infos[key] = TensorInfo(tuple(entry.get("shape", ())), dtype)
-        data_end = max(data_end, entry.get("data_offsets", [0, 0])[1])
+        try:
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
+            shape = tuple(int(d) for d in entry["shape"])
+            end = int(entry["data_offsets"][1])
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise not_safetensors from None
+        infos[key] = TensorInfo(shape, dtype)
+        data_end = max(data_end, end)
     if 8 + header_len + data_end > size:
         missing_mb = (8 + header_len + data_end - size) / 2**20
         raise ModelFileError(
