@@ -16,6 +16,14 @@ def require_model(uso_model) -> USOPipeline:
     return uso_model
 
 
+def image_frames(image, input_name: str = "image"):
+    """The IMAGE batch as PIL images; a wrong tensor becomes an InputError naming the input."""
+    try:
+        return image_batch_to_pils(image, input_name)
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+
+
 class USOEncodeStyle:
     NODE_ID = "USOEncodeStyle"
     DISPLAY_NAME = "USO Encode Style"
@@ -46,10 +54,12 @@ class USOEncodeStyle:
 
     def encode(self, uso_model, image, crop="reference", previous=None):
         pipeline = require_model(uso_model)
-        images = image_batch_to_pils(image, "image")
-        comfy_bridge.throw_if_interrupted()
-        encoding = pipeline.encode_style(images, crop)
-        return (previous + encoding if previous is not None else encoding,)
+        encoding = previous
+        for frame in image_frames(image, "image"):  # Cancel is honoured between images
+            comfy_bridge.throw_if_interrupted()
+            one = pipeline.encode_style([frame], crop)
+            encoding = one if encoding is None else encoding + one
+        return (encoding,)
 
 
 class USOEncodeSubject:
@@ -96,11 +106,13 @@ class USOEncodeSubject:
         pipeline = require_model(uso_model)
         if posterior not in POSTERIORS:
             raise InputError(f"posterior: '{posterior}' is not one of {', '.join(POSTERIORS)}.")
-        images = image_batch_to_pils(image, "image")
-        comfy_bridge.throw_if_interrupted()
-        encoding = pipeline.encode_subject(images, int(long_side),
-                                           int(sample_seed) if posterior == "sample" else None)
-        return (previous + encoding if previous is not None else encoding,)
+        encoding = previous
+        for frame in image_frames(image, "image"):  # Cancel is honoured between images
+            comfy_bridge.throw_if_interrupted()
+            one = pipeline.encode_subject([frame], int(long_side),
+                                          int(sample_seed) if posterior == "sample" else None)
+            encoding = one if encoding is None else encoding + one
+        return (encoding,)
 
 
 NODE_CLASSES = [USOEncodeStyle, USOEncodeSubject]

@@ -96,6 +96,8 @@ class USOGenerate:
             raise InputError("style: expected the output of USO Encode Style; connect that node here.")
         if subject is not None and not isinstance(subject, SubjectEncoding):
             raise InputError("subject: expected the output of USO Encode Subject; connect that node here.")
+        if not 1 <= int(batch_size) <= MAX_BATCH:  # before a list of that many seeds is built
+            raise InputError(f"batch_size: {batch_size} is outside 1..{MAX_BATCH}.")
         seeds = [(int(seed) + i) % (_SEED_MAX + 1) for i in range(int(batch_size))]
         progress = comfy_bridge.Progress(int(steps) * len(seeds), node_id=unique_id)
 
@@ -103,12 +105,15 @@ class USOGenerate:
             progress.set(done, total)
             comfy_bridge.throw_if_interrupted()
 
+        def on_decode(_index: int, _count: int) -> None:
+            comfy_bridge.throw_if_interrupted()
+
         comfy_bridge.throw_if_interrupted()
         comfy_bridge.free_comfy_memory(_VRAM_HEADROOM, pipeline.device)
         result = pipeline.generate(prompt, styles=style, subjects=subject, width=int(width), height=int(height),
                                    keep_size=bool(keep_size), steps=int(steps), guidance=float(guidance),
                                    seeds=seeds, shift=shift, extra_references=bool(extra_references),
-                                   on_step=on_step)
+                                   on_step=on_step, on_decode=on_decode)
         return (result.images, {"samples": result.latents})
 
 

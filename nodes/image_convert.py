@@ -10,6 +10,11 @@ import torch
 from PIL import Image
 
 
+#: Float values converted per block (rows of one frame): bounds the temporary memory of a large
+#: image (an 8000x8000 frame would otherwise take a few full-size float copies, ~0.8 GB each).
+_BLOCK_VALUES = 1 << 22
+
+
 def image_batch_to_pils(image: torch.Tensor, input_name: str = "image") -> list[Image.Image]:
     """One RGB PIL image per batch element. Alpha is dropped (as PIL's RGBA->RGB does)."""
     if not isinstance(image, torch.Tensor):
@@ -22,15 +27,24 @@ def image_batch_to_pils(image: torch.Tensor, input_name: str = "image") -> list[
                          f"got {list(image.shape)}. Connect an IMAGE output (e.g. Load Image).")
     if image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"{input_name}: the image is empty ({list(image.shape)}).")
-    pixels = image.detach().to("cpu", torch.float32)
-    if not torch.isfinite(pixels).all():
-        raise ValueError(f"{input_name}: the image contains NaN or infinite values; "
-                         "check the node that produced it.")
-    if pixels.shape[-1] == 1:
-        pixels = pixels.expand(*pixels.shape[:-1], 3)
-    pixels = pixels[..., :3]
-    as_bytes = (pixels.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-    return [Image.fromarray(np.ascontiguousarray(frame), mode="RGB") for frame in as_bytes]
+    if image.is_complex() or image.dtype == torch.bool:
+        raise ValueError(f"{input_name}: expected float pixel values 0..1, got {image.dtype}.")
+    _, height, width, channels = image.shape
+    used = min(channels, 3)
+    rows = max(1, _BLOCK_VALUES // (width * used))
+    out = []
+    for frame in image.detach():
+        as_bytes = np.empty((height, width, used), dtype=np.uint8)
+        for top in range(0, height, rows):
+            block = frame[top:top + rows, :, :used].to("cpu", torch.float32)
+            if not torch.isfinite(torch.stack(torch.aminmax(block))).all():  # one fast pass
+                raise ValueError(f"{input_name}: the image contains NaN or infinite values; "
+                                 "check the node that produced it.")
+            as_bytes[top:top + rows] = block.clamp(0, 1).mul_(255.0).round_().to(torch.uint8).numpy()
+        if used == 1:
+            as_bytes = np.repeat(as_bytes, 3, axis=2)
+        out.append(Image.fromarray(as_bytes, mode="RGB"))
+    return out
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

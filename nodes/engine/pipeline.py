@@ -4,7 +4,9 @@ Reads like a diffusers pipeline: explicit steps, plain tensors. Knows nothing of
 """
 from __future__ import annotations
 
+import gc
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -190,7 +192,7 @@ class USOPipeline:
                                           self._device_of(self.clip))
             return t5_tokens.cpu(), pooled.cpu()
 
-        return self._prompt_cache.get_or(prompt, compute)
+        return self._prompt_cache.get_or(prompt, lambda: self._guarded("encoding the prompt", compute))
 
     def encode_style(self, images: list[Image.Image], crop: str = "reference") -> StyleEncoding:
         if crop not in style.CROPS:
@@ -203,7 +205,9 @@ class USOPipeline:
                         self.placement.use(self.projector):
                     return style.encode_style(self.siglip, self.siglip_layers, self.projector,
                                               pixels).cpu()
-            tokens.append(self._style_cache.get_or((_image_key(image), crop), compute))
+            tokens.append(self._style_cache.get_or(
+                (_image_key(image), crop),
+                lambda compute=compute: self._guarded("encoding a style image", compute)))
         return StyleEncoding(tuple(tokens), self.style_owner)
 
     def encode_subject(self, images: list[Image.Image], long_side: int = REFERENCE_LONG_SIDE,
@@ -221,7 +225,9 @@ class USOPipeline:
                 with self._lock, self._placed(), self.placement.use(self.vae, keep=True):
                     z = subject.encode_latents(self.vae, subject.subject_pixels(prepared), sample_seed)
                 return z.to(self.precision.compute).cpu(), prepared.size
-            z, size = self._subject_cache.get_or((_image_key(image), long_side, sample_seed), compute)
+            z, size = self._subject_cache.get_or(
+                (_image_key(image), long_side, sample_seed),
+                lambda compute=compute: self._guarded("encoding a subject image", compute))
             latents.append(z)
             sizes.append(size)
         return SubjectEncoding(tuple(latents), tuple(sizes), long_side, self.subject_owner)
@@ -262,8 +268,12 @@ class USOPipeline:
                  subjects: SubjectEncoding | None = None, width: int = 1024, height: int = 1024,
                  keep_size: bool = False, steps: int = 25, guidance: float = 4.0,
                  seeds: list[int] = (0,), shift: str = "reference", extra_references: bool = False,
-                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 on_step: Callable[[int, int], None] | None = None,
+                 on_decode: Callable[[int, int], None] | None = None) -> GenerationResult:
         """One image per seed; image i equals a single run with seeds[i].
+
+        `on_step(done, total)` runs after every denoising step and `on_decode(i, n)` before decoding
+        image i of n; raising from either stops the run (Cancel).
 
         The reference takes at most two style images and one subject; `extra_references` allows
         more (style tokens are concatenated, subjects continue down the UnoPE diagonal).
@@ -273,6 +283,8 @@ class USOPipeline:
             raise InputError(f"batch_size: {len(seeds)} images; pick 1..{MAX_BATCH}.")
         if not 1 <= int(steps) <= 200:
             raise InputError(f"steps: {steps} is outside 1..200 (the reference uses 25).")
+        if not math.isfinite(float(guidance)):
+            raise InputError(f"guidance: {guidance} is not a number; use 4.0 (the reference) or 3.5.")
         if shift not in schedule.SHIFTS:
             raise InputError(f"shift: '{shift}' is not one of {', '.join(schedule.SHIFTS)}.")
         width, height = self.output_size(int(width), int(height), keep_size, subjects)
@@ -291,9 +303,9 @@ class USOPipeline:
         ts = schedule.timesteps(int(steps), width, height, shift)
         total = len(seeds) * int(steps)
 
-        latents = []
-        with self._lock, self._placed():
-            try:
+        def sample_and_decode():
+            latents = []
+            with self._lock, self._placed():
                 for n, seed in enumerate(seeds):
                     noise = sampler.initial_noise(seed, width, height, self.device)
 
@@ -309,18 +321,24 @@ class USOPipeline:
                     latents.append(z.float() / self.vae.config.scaling_factor +
                                    self.vae.config.shift_factor)
                 unscaled = torch.cat(latents).cpu()
-                images = self.decode(unscaled)
-            except torch.OutOfMemoryError as exc:
-                latents.clear()
-                self._empty_cache()
-                raise OutOfMemoryError(self._oom_message(width, height)) from exc
+                images = self.decode(unscaled, on_decode)
+            return images, unscaled
+
+        images, unscaled = self._guarded(f"generating {width}x{height}", sample_and_decode)
         return GenerationResult(images, unscaled, seeds, width, height)
 
-    def decode(self, latents_unscaled: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B, 16, H/8, W/8) -> images (B, H, W, 3); tiled above ~1.5k px."""
+    def decode(self, latents_unscaled: torch.Tensor,
+               on_decode: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Unscaled latents (B, 16, H/8, W/8) -> images (B, H, W, 3); tiled above ~1.5k px.
+        `on_decode(i, n)` runs before image i of n (raising from it stops, e.g. on Cancel)."""
         tiled = max(latents_unscaled.shape[2:]) * 8 > 1536
+        images = []
         with self._lock, self.placement.use(self.vae, keep=True):
-            return torch.cat([subject.decode_latents(self.vae, z[None], tiled) for z in latents_unscaled])
+            for i, z in enumerate(latents_unscaled):
+                if on_decode is not None:
+                    on_decode(i, len(latents_unscaled))
+                images.append(subject.decode_latents(self.vae, z[None], tiled))
+        return torch.cat(images)
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -345,16 +363,34 @@ class USOPipeline:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _oom_message(self, width: int, height: int) -> str:
+    def _guarded(self, doing: str, work: Callable[[], object]):
+        """`work()`; out of device memory, the memory is given back (the models leave the device and
+        the next run places them again, so nothing stays half-placed) and an OutOfMemoryError names
+        the memory mode that would fit."""
+        try:
+            return work()
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first: the error's traceback holds the failed run's tensors
+        with self._lock:
+            gc.collect()
+            self.placement.release(self.modules())
+            self._released = True
+            self._empty_cache()
+        raise OutOfMemoryError(self._oom_message(doing))
+
+    def _oom_message(self, doing: str) -> str:
         order = ["gpu", "model_offload", "group_offload"]
         current = self.memory_mode
         lighter = order[order.index(current) + 1:] if current in order else []
-        hint = (f"set memory to '{lighter[0]}'" if lighter else
-                "lower the size or use precision 'fp8_e4m3fn' or a GGUF transformer")
-        if not self.precision.fp8_storage and lighter:
-            hint += " or precision to 'fp8_e4m3fn'"
-        return (f"Out of memory on {self.device} generating {width}x{height} with memory='{current}'. "
-                f"The memory was released; {hint} in USO Load Models, or generate a smaller image.")
+        fixes = [f"memory '{lighter[0]}'"] if lighter else []
+        if not self.precision.fp8_storage:
+            fixes.append("precision 'fp8_e4m3fn'")
+        if not fixes:
+            fixes.append("a smaller GGUF transformer (e.g. Q8_0)")
+        chosen = f"memory='{current}'" if self.options.memory == current else \
+            f"memory='{self.options.memory}' (which chose '{current}')"
+        return (f"Out of memory on {self.device} {doing} with {chosen}. The memory was released; choose "
+                f"{' or '.join(fixes)} in USO Load Models, or generate a smaller image.")
 
     @staticmethod
     def _device_of(module: torch.nn.Module) -> torch.device:

@@ -8,6 +8,8 @@ CLIP_LENGTH = 77
 
 
 def _token_ids(tokenizer, prompt: str, length: int) -> torch.Tensor:
+    # A lone surrogate (JSON allows "\ud800") is not text the tokenizers accept: it becomes '?'.
+    prompt = prompt.encode("utf-8", "replace").decode("utf-8")
     batch = tokenizer([prompt], max_length=length, padding="max_length", truncation=True,
                       return_tensors="pt")
     return batch["input_ids"]
