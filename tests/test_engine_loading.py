@@ -265,3 +265,25 @@ def _resolve(tiny_models, key: str) -> str:
     head, _, tail = key.partition("/")
     base = str(tiny_models.paths[head])
     return os.path.join(base, tail) if tail else base
+
+
+def test_a_tokenizer_from_another_model_is_refused_at_load_time(tiny_models, tmp_path):
+    # A real-size vocabulary against the tiny encoders: ids beyond the embedding table.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from nodes.engine import EngineOptions, ModelFiles, USOPipeline
+
+    vocab = {f"w{i}": i for i in range(5000)}
+    vocab["<unk>"] = 5000
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrong = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>", eos_token="<unk>")
+    for sub in ("t5", "clip_l"):
+        wrong.save_pretrained(tmp_path / sub)
+    p = {k: str(v) for k, v in tiny_models.paths.items()}
+    files = ModelFiles(transformer=p["flux_bfl"], vae=p["ae"], t5=p["t5_fp16"], clip_l=p["clip_l"],
+                       siglip=p["siglip_file"], uso_lora=p["lora_comfy"], projector=p["projector_comfy"],
+                       tokenizer_dir=str(tmp_path))
+    with pytest.raises(ModelFileError, match="t5: its tokenizer knows 5001 tokens.*belongs to another model"):
+        USOPipeline.from_files(files, EngineOptions(precision="fp32", device="cpu"))

@@ -88,6 +88,15 @@ class LoadedModels:
                 f"projector: {self._file('projector')} makes {proj.high_projection.out_features}-wide "
                 f"tokens but the transformer {self._file('transformer')} is {self.hidden_size} wide; the "
                 f"projector belongs to another model. Pick {EXPECTED['projector']}.")
+        for slot, tokenizer, encoder in (("t5", self.t5_tokenizer, self.t5), ("clip_l", self.clip_tokenizer, self.clip)):
+            # A tokenizer from another model makes token ids the encoder has no embedding for.
+            vocab = encoder.get_input_embeddings().num_embeddings
+            if len(tokenizer) > vocab:
+                raise ModelFileError(
+                    f"{slot}: its tokenizer knows {len(tokenizer)} tokens but the encoder "
+                    f"{self._file(slot)} has embeddings for {vocab}; the tokenizer belongs to another "
+                    "model. Use the tokenizer that ships with the encoder (unset USO_TOKENIZER_DIR or "
+                    "point it at the right files).")
         lora.check_fits(self.lora_parts, self.transformer, self.lora_name)
 
 
