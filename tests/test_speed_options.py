@@ -153,3 +153,21 @@ def test_compile_flag_must_be_a_bool():
     with pytest.raises(InputError, match="compile"):
         speed.apply(build_random_models("tiny").transformer, speed.SpeedSettings(compile="yes"),
                     torch.device("cpu"), torch.float32)
+
+
+def test_benchmark_script_runs_at_tiny_size(capsys, tmp_path):
+    """The benchmark is a script, not a test; this only keeps it working (tiny, 2 steps, small)."""
+    import json
+
+    from nodes import benchmark
+
+    out = tmp_path / "figures.json"
+    assert benchmark.main(["--size", "tiny", "--steps", "2", "--width", "128", "--height", "96",
+                           "--subject", "64", "--style-size", "64", "--baseline-iters", "1",
+                           "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ratio USO / baseline" in text and "TFLOP/step" in text
+    figures = json.loads(out.read_text())
+    assert figures["tokens"] == {"noise": 48, "subject": 16, "image": 64, "style": 24, "text": 536,
+                                 "total": 600}
+    assert figures["uso"]["ms_per_step"] > 0 and figures["baseline"]["ms_per_step"] > 0
