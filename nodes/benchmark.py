@@ -422,8 +422,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-mode", default="auto", choices=("auto", "fused", "unfused"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--baseline-iters", type=int, default=None,
-                   help="timed baseline forwards, half before and half after the USO run, after one warm-up "
-                        "(default: 10 on a GPU, 4 on the CPU)")
+                   help="rounds of one USO step then one baseline forward, after one warm-up each "
+                        "(default: 10 on a GPU or at tiny size, else 4)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-FLUX baseline")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (step time is measured between steps)")
     if args.baseline_iters is None:
-        args.baseline_iters = 10 if device.type == "cuda" else 4
+        args.baseline_iters = 10 if device.type == "cuda" or args.size == "tiny" else 4
     cfg = _flux_config(args.size)
     tokens = token_counts(args, cfg)
     print(f"[benchmark] size={args.size} device={device} precision={args.precision}: USO end to end ...",
