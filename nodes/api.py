@@ -30,7 +30,7 @@ from PIL import Image
 
 from . import model_paths, png_info
 from .engine import EngineOptions, InputError, USOPipeline
-from .image_files import load_image
+from .image_files import load_image, to_8bit
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
@@ -92,7 +92,7 @@ def _describe_image(image: ImageInput | None):
 
 def _open(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image
+        return to_8bit(image)
     return load_image(os.fspath(image))
 
 

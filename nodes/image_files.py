@@ -40,6 +40,12 @@ def load_image(path: str) -> Image.Image:
             img.load()
     except (OSError, SyntaxError) as exc:  # truncated or corrupt data behind a valid header
         raise ValueError(f"'{path}' cannot be decoded: {exc}") from None
+    return to_8bit(img).convert("RGB")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) images scaled to 8 bits, as ComfyUI's Load Image does (a plain
+    convert("RGB") would clip them to white); other modes are returned as they are."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-        img = img.point(lambda v: v * (1 / 255))
-    return img.convert("RGB")
+        return img.point(lambda v: v * (1 / 255)).convert("L")
+    return img
