@@ -5,7 +5,8 @@ import os
 
 from . import comfy_bridge, pipeline_cache
 from .engine import EngineOptions, InputError, ModelFiles, USOError
-from .engine.memory import MEMORY_MODES, PRECISIONS
+from .engine.memory import ENCODER_PLACEMENTS, MEMORY_MODES, PRECISIONS
+from .engine.speed import ATTENTION_CHOICES, STEP_CACHE_MAX, check_step_cache
 from .engine.pipeline import LORA_MODES
 from .model_catalog import EMBEDDED_SLOTS, FROM_CHECKPOINT, SLOTS, choice_label, parse_choice, pick_default
 
@@ -98,6 +99,24 @@ class USOLoadModels:
                     "default": "auto",
                     "tooltip": "auto: fused into bf16/fp16 weights (fastest), unfused over fp8/GGUF weights. "
                                "unfused: exactly like the reference."}),
+                "encoders": (list(ENCODER_PLACEMENTS), {
+                    "default": "auto",
+                    "tooltip": "Where T5 (9.5 GB), CLIP-L and SigLIP live in 'gpu' memory mode. offload: in RAM, "
+                               "streamed through the GPU when a new prompt or style is encoded (T5 leaves the GPU "
+                               "after encoding). auto: resident when everything fits."}),
+                "attention": (list(ATTENTION_CHOICES), {
+                    "default": "native",
+                    "tooltip": "diffusers' attention backend. native = torch SDPA, like the reference. flash, "
+                               "flash3, sage, xformers need their package and a GPU (checked when loading); sage "
+                               "can give black images."}),
+                "compile": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "torch.compile the repeated transformer blocks. The first image at a new size "
+                               "compiles (seconds); later ones are faster."}),
+                "step_cache": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": STEP_CACHE_MAX, "step": 0.01,
+                    "tooltip": "First Block Cache threshold (0 = off). 0.05-0.15 skips steps whose first block "
+                               "barely changed: faster, and the image changes more the higher it is."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -119,16 +138,21 @@ class USOLoadModels:
         return "|".join(stamps)
 
     def load(self, transformer, vae, t5, clip_l, siglip, uso_lora, projector, precision="auto",
-             memory="auto", lora_mode="auto", unique_id=None):
+             memory="auto", lora_mode="auto", encoders="auto", attention="native", compile=False,
+             step_cache=0.0, unique_id=None):
         for name, value, choices in (("precision", precision, PRECISIONS), ("memory", memory, MEMORY_MODES),
-                                     ("lora_mode", lora_mode, LORA_MODES)):
+                                     ("lora_mode", lora_mode, LORA_MODES),
+                                     ("encoders", encoders, ENCODER_PLACEMENTS),
+                                     ("attention", attention, ATTENTION_CHOICES)):
             if value not in choices:  # an API workflow skips no check, but fail before loading anything
                 raise InputError(f"{name}: '{value}' is not one of {', '.join(choices)}.")
         files = ModelFiles(transformer=resolve("transformer", transformer), vae=resolve("vae", vae),
                            t5=resolve("t5", t5), clip_l=resolve("clip_l", clip_l),
                            siglip=resolve("siglip", siglip), uso_lora=resolve("uso_lora", uso_lora),
                            projector=resolve("projector", projector))
-        options = EngineOptions(precision=precision, memory=memory, lora_mode=lora_mode,
+        options = EngineOptions(precision=precision, memory=memory, lora_mode=lora_mode, encoders=encoders,
+                                attention=attention, compile=bool(compile),
+                                step_cache=check_step_cache(step_cache),
                                 device=str(comfy_bridge.torch_device()),
                                 comfy_tokenizer_dirs=comfy_bridge.comfy_tokenizer_dirs())
         progress = comfy_bridge.Progress(len(LOAD_STEPS), node_id=unique_id)

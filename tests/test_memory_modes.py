@@ -224,3 +224,19 @@ def test_vae_decodes_in_tiles_above_1536_px(monkeypatch, height_px, tiled):
     images = pipe.decode(torch.zeros(1, 16, height_px // 8, 2))
     assert images.shape == (1, height_px, 16, 3)
     assert bool(calls) == tiled
+
+
+def test_a_module_split_across_devices_does_not_count_as_placed():
+    # An out-of-memory error in the middle of a move leaves a module split across devices; the
+    # next use must move it again. "meta" stands in for the GPU (any non-CPU device moves).
+    from torch import nn
+
+    from nodes.engine.memory import Placement
+
+    module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    placement = Placement("gpu", torch.device("meta"))
+    assert not placement.on_device(module)
+    module[0].weight = nn.Parameter(torch.empty(4, 4, device="meta"))  # moved before the failure
+    assert not placement.on_device(module)
+    module.to("meta")
+    assert placement.on_device(module)

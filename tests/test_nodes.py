@@ -210,3 +210,15 @@ def test_comfyui_unload_releases_ours_and_the_next_run_still_works(comfy_folders
     assert pipe._released
     images, _ = run(pipe)
     assert images.shape == (1, 48, 64, 3) and not pipe._released
+
+
+def test_loader_passes_speed_and_memory_options_to_the_engine(comfy_folders):
+    (pipe,) = node("USOLoadModels").load(**{**LOADER, "encoders": "offload", "step_cache": 0.1})
+    assert pipe.options.encoders == "offload" and pipe.options.step_cache == 0.1
+    images, _ = run(pipe)
+    assert images.shape == (1, 48, 64, 3)
+    with pytest.raises(InputError, match="attention: 'fastest' is not one of native"):
+        node("USOLoadModels").load(**{**LOADER, "attention": "fastest"})
+    with pytest.raises(InputError, match="step_cache: 2.0 is outside"):
+        node("USOLoadModels").load(**{**LOADER, "step_cache": 2.0})
+    pipeline_cache.clear()

@@ -320,8 +320,8 @@ class Placement:
         return id(module) in self._streamed
 
     def on_device(self, module: nn.Module) -> bool:
-        first = next(iter([*module.parameters(), *module.buffers()]), None)
-        return first is None or first.device.type == self.device.type
+        # Every tensor, not the first: a move cut short (out of memory) leaves a module split.
+        return all(t.device.type == self.device.type for t in [*module.parameters(), *module.buffers()])
 
     @contextmanager
     def use(self, module: nn.Module, keep: bool = False):
@@ -379,8 +379,8 @@ class Placement:
             if m is None or self.is_streamed(m):
                 continue
             if id(m) in self._host:
-                if self._onloaded is m:
-                    self._offload(m)
+                # Also a module whose onload was cut short and never became `_onloaded`.
+                self._offload_tensors(m)
             else:
                 m.to(self._offload_device)
         self._onloaded = None
