@@ -72,6 +72,17 @@ def generate(model, **kw):
     return node("USOGenerate").generate(model, **args)
 
 
+def loaded_with_reference(seed: int, steps: int = 2):
+    """(model, style, subject, reference image): the right files loaded through the node, encodings
+    of two test pictures, and the image they give, to compare later runs against."""
+    pipeline_cache.clear()
+    model = load()
+    style = encode_style(model, image(40, 30, 1))
+    subject = encode_subject(model, image(48, 40, 2))
+    reference = generate(model, style=style, subject=subject, seed=seed, steps=steps)[0]
+    return model, style, subject, reference
+
+
 def lock_is_free(lock, timeout: float = 2.0) -> bool:
     """Whether another thread can take `lock` (an RLock held by this thread would still pass here)."""
     got = []

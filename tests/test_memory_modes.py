@@ -13,12 +13,11 @@ Tolerances (stated here, checked below):
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
+import random_pipelines
 import torch
-from PIL import Image
 
-from nodes.engine import EngineOptions, USOPipeline, loaders, memory
+from nodes.engine import USOPipeline, loaders, memory
 from nodes.engine.errors import InputError
 from nodes.engine.lora import LoraLinear
 from nodes.engine.random_models import build_random_models
@@ -28,21 +27,12 @@ GIB = 1024 ** 3
 FP8_REL_TOL = 0.05
 
 
-def _image(w, h, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
 def make_pipeline(**options) -> USOPipeline:
-    models = build_random_models("tiny", dtype=torch.bfloat16)
-    return USOPipeline(models, EngineOptions(device="cpu", **{"precision": "bf16", **options}))
+    return random_pipelines.make_pipeline(torch.bfloat16, **options)
 
 
 def run(pipe: USOPipeline, seeds=SEEDS) -> torch.Tensor:
-    style = pipe.encode_style([_image(60, 60, 1)])
-    subject = pipe.encode_subject([_image(64, 64, 2)], long_side=64)
-    return pipe.generate("a photo of a cat", styles=style, subjects=subject, width=W, height=H,
-                         steps=STEPS, seeds=seeds).latents
+    return random_pipelines.run(pipe, seeds, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from reliability_helpers import (assert_clean, encode_style, encode_subject, generate, image, load, node,
+from reliability_helpers import (assert_clean, loaded_with_reference, encode_style, encode_subject, generate, image, load, node,
                                  single_thread)
 from remote_helpers import fal_server, remote_env, run_node  # noqa: F401  (fixture)
 
@@ -34,12 +34,7 @@ def clean_cancel_state():
 
 @pytest.fixture(scope="module")
 def setup(comfy_folders):
-    pipeline_cache.clear()
-    model = load()
-    style = encode_style(model, image(40, 30, 1))
-    subject = encode_subject(model, image(48, 40, 2))
-    reference = generate(model, style=style, subject=subject, seed=3, steps=4)[0]
-    return model, style, subject, reference
+    return loaded_with_reference(seed=3, steps=4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import (assert_clean, comfy_load_image, encode_style, encode_subject, generate, image,
+from reliability_helpers import (assert_clean, loaded_with_reference, comfy_load_image, encode_style, encode_subject, generate, image,
                                  load, node, single_thread, write_png16)
 from remote_helpers import remote_env, run_node  # noqa: F401  (fixture)
 from safetensors.torch import load_file, save_file
@@ -136,12 +136,7 @@ def bad_models(comfy_folders, tmp_path_factory):
 @pytest.fixture(scope="module")
 def good(bad_models):
     """The right files loaded through the node, and a reference image made with them."""
-    pipeline_cache.clear()
-    model = load()
-    style = encode_style(model, image(40, 30, 1))
-    subject = encode_subject(model, image(48, 40, 2))
-    reference = generate(model, style=style, subject=subject, seed=7)[0]
-    return model, style, subject, reference
+    return loaded_with_reference(seed=7)
 
 
 # (slot, file given to it, words the message must contain besides the slot and the file name)

@@ -8,9 +8,9 @@ import weakref
 
 import pytest
 import torch
-from reliability_helpers import assert_clean, encode_style, encode_subject, generate, image, load, single_thread
+from reliability_helpers import (assert_clean, encode_style, encode_subject, generate, image,
+                                 loaded_with_reference, single_thread)
 
-from nodes import pipeline_cache
 from nodes.engine import OutOfMemoryError, USOError
 
 
@@ -22,12 +22,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup(comfy_folders):
-    pipeline_cache.clear()
-    model = load()
-    style = encode_style(model, image(40, 30, 1))
-    subject = encode_subject(model, image(48, 40, 2))
-    reference = generate(model, style=style, subject=subject, seed=5)[0]
-    return model, style, subject, reference
+    return loaded_with_reference(seed=5)
 
 
 class OomOnce:

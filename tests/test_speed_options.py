@@ -9,10 +9,9 @@ stated:
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
+import random_pipelines
 import torch
-from PIL import Image
 
 from nodes.engine import EngineOptions, USOPipeline, speed
 from nodes.engine.errors import InputError
@@ -21,21 +20,12 @@ from nodes.engine.random_models import build_random_models
 W, H, STEPS = 64, 48, 6
 
 
-def _image(w, h, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
 def make_pipeline(**options) -> USOPipeline:
-    models = build_random_models("tiny", dtype=torch.float32)
-    return USOPipeline(models, EngineOptions(device="cpu", **{"precision": "fp32", **options}))
+    return random_pipelines.make_pipeline(torch.float32, **options)
 
 
 def run(pipe, seeds=(3,), steps=STEPS):
-    style = pipe.encode_style([_image(60, 60, 1)])
-    subject = pipe.encode_subject([_image(64, 64, 2)], long_side=64)
-    return pipe.generate("a photo of a cat", styles=style, subjects=subject, width=W, height=H,
-                         steps=steps, seeds=list(seeds)).latents
+    return random_pipelines.run(pipe, seeds, steps)
 
 
 @pytest.fixture(scope="module")
