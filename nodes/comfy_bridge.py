@@ -166,12 +166,6 @@ def throw_if_interrupted() -> None:
         raise Interrupted("cancelled")
 
 
-def is_interrupt_exception(exc: BaseException) -> bool:
-    if isinstance(exc, Interrupted):
-        return True
-    return _mm is not None and isinstance(exc, _mm.InterruptProcessingException)
-
-
 # ---------------------------------------------------------------------------------------------
 # Progress
 # ---------------------------------------------------------------------------------------------

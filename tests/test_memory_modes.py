@@ -130,10 +130,10 @@ def test_encoder_choice_in_auto_and_explicit_modes():
 def test_cpu_has_nothing_to_offload():
     p = memory.plan_memory("auto", "auto", torch.device("cpu"), 10 ** 12, 10 ** 12, 10 ** 9)
     assert (p.mode, p.encoders) == ("gpu", "resident")
-    assert memory.choose_memory_mode("auto", torch.device("cpu"), 10 ** 12, 10 ** 12) == "gpu"
-    assert memory.choose_memory_mode("auto", CUDA, 30 * GIB, 5 * GIB, 6 * GIB, free_bytes=37 * GIB) == "gpu"
-    assert memory.choose_memory_mode("auto", CUDA, 30 * GIB, 5 * GIB, 6 * GIB, free_bytes=20 * GIB) == \
-        "group_offload"
+    assert memory.plan_memory("auto", "auto", torch.device("cpu"), 10 ** 12, 10 ** 12, 0).mode == "gpu"
+    assert memory.plan_memory("auto", "auto", CUDA, 30 * GIB, 5 * GIB, 0, 6 * GIB, free_bytes=37 * GIB).mode == "gpu"
+    assert memory.plan_memory("auto", "auto", CUDA, 30 * GIB, 5 * GIB, 0, 6 * GIB,
+                              free_bytes=20 * GIB).mode == "group_offload"
 
 
 @pytest.mark.parametrize("bad", [dict(mode="fast"), dict(enc="cpu")])

@@ -270,10 +270,6 @@ def load_clip(component: Component, dtype: torch.dtype):
 # SigLIP (only the layers USO reads) and the projector
 # ---------------------------------------------------------------------------------------------
 
-def siglip_component(path: str) -> Component:
-    return Component(path)
-
-
 def load_siglip(component: Component, dtype: torch.dtype = torch.float32):
     """SigLIP vision tower truncated after the second-to-last layer (the deepest one USO reads).
 

@@ -133,11 +133,3 @@ def apply_fused(model: nn.Module, parts: list[LoraPart], scale: float) -> None:
         weight = modules[part.module].weight
         delta = part.up.to(weight.device, torch.float32) @ part.down.to(weight.device, torch.float32)
         weight.data = (weight.data.float() + scale * delta).to(weight.dtype)
-
-
-def remove_unfused(model: nn.Module) -> None:
-    """Put the base layers back (used when a pipeline swaps LoRA mode or strength)."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoraLinear):
-                setattr(module, child_name, child.base)

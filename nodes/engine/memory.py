@@ -149,14 +149,6 @@ def plan_memory(mode: str, encoders: str, device: torch.device, transformer_byte
                       f"{gib(margin_bytes)} margin; streamed block by block")
 
 
-def choose_memory_mode(mode: str, device: torch.device, transformer_bytes: int,
-                       others_bytes: int, margin_bytes: int = DEFAULT_MARGIN_BYTES,
-                       free_bytes: int | None = None) -> str:
-    """The memory mode alone (`plan_memory` with every other model counted as resident)."""
-    return plan_memory(mode, "auto", device, transformer_bytes, others_bytes, 0, margin_bytes,
-                       free_bytes).mode
-
-
 # ---------------------------------------------------------------------------------------------
 # fp8 storage (diffusers layerwise casting)
 # ---------------------------------------------------------------------------------------------
@@ -222,9 +214,6 @@ def has_group_offload(module: nn.Module) -> bool:
         if registry is not None and registry.get_hook("group_offloading") is not None:
             return True
     return False
-
-
-_has_group_offload = has_group_offload  # old private name
 
 
 class Placement:

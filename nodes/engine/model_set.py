@@ -147,7 +147,7 @@ def check_files(files: ModelFiles) -> None:
             source = loaders._source(_component(slot, explicit, path, is_aio, in_folder, sub))
             detect.require_kind(source, slot, _ACCEPTED[slot])
     with _slot("siglip"):
-        source = loaders._source(loaders.siglip_component(files.siglip))
+        source = loaders._source(Component(files.siglip))
         detect.require_kind(source, "siglip", _ACCEPTED["siglip"])
     for slot, file in (("uso_lora", files.uso_lora), ("projector", files.projector)):
         with _slot(slot):
@@ -187,7 +187,7 @@ def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: d
                                                                               dirs, "clip_l"))
     step("siglip")
     with _slot("siglip"):
-        siglip, siglip_layers = loaders.load_siglip(loaders.siglip_component(files.siglip), precision.vision)
+        siglip, siglip_layers = loaders.load_siglip(Component(files.siglip), precision.vision)
     step("projector")
     with _slot("projector"):
         projector = loaders.load_projector(files.projector, precision.compute)
