@@ -1,19 +1,10 @@
-"""Node registry: every node class of the pack, keyed by its permanent id."""
-from .comfy_bridge import log
-from .encode_nodes import NODE_CLASSES as _encode_nodes
-from .generate_node import NODE_CLASSES as _generate_nodes
-from .load_node import NODE_CLASSES as _load_nodes
-from .remote_node import NODE_CLASSES as _remote_nodes
+"""The USO pack's code. Each part is a package (see ARCHITECTURE.md):
 
-# One import per node module; each module lists its classes in NODE_CLASSES.
-_NODE_CLASSES: list[type] = [*_load_nodes, *_encode_nodes, *_generate_nodes, *_remote_nodes]
-
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
-for _cls in _NODE_CLASSES:
-    if _cls.NODE_ID in NODE_CLASS_MAPPINGS:
-        raise RuntimeError(f"USO: two node classes share the id {_cls.NODE_ID}")
-    NODE_CLASS_MAPPINGS[_cls.NODE_ID] = _cls
-    NODE_DISPLAY_NAME_MAPPINGS[_cls.NODE_ID] = _cls.DISPLAY_NAME
-
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "log"]
+- `engine/`: USO on diffusers (weight files, the math, precision and memory). No ComfyUI.
+- `remote/`: the fal and AIML clients. No ComfyUI.
+- `comfyui/`: the ComfyUI nodes (thin adapters) and `bridge.py`, the only importer of ComfyUI.
+- `cli/`: the command line, batch manifests and their runner, finding model files.
+- `api.py`: the Python API, the face of the pack without ComfyUI.
+- `model_catalog.py`: which file goes in which slot, shared by the nodes and the command line.
+- `benchmarks/`: developer scripts that measure the engine (not tests, not nodes).
+"""

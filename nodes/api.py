@@ -28,12 +28,12 @@ from typing import Callable, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from . import model_paths, png_info
+from .cli import model_paths, png_info
 from .engine import EngineOptions, InputError, USOPipeline
-from .image_files import load_image, to_8bit
+from .engine.pipeline import SEED_MAX, batch_seeds
+from .cli.image_files import load_image, to_8bit
 
 ImageInput = Union[str, os.PathLike, Image.Image]
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 #: USO Generate's defaults (and USO Encode Style / Subject's), shared by the command line.
 DEFAULTS = dict(prompt="", width=1024, height=1024, keep_size=False, steps=25, guidance=4.0, seed=0,
@@ -142,7 +142,7 @@ class USO(_Cancellable):
         p = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
         if not 0 <= int(p["seed"]) <= SEED_MAX:
             raise InputError(f"seed: {p['seed']} is outside 0..{SEED_MAX}.")
-        seeds = [(int(p["seed"]) + k) % (SEED_MAX + 1) for k in range(int(p["batch_size"]))]  # like USO Generate
+        seeds = batch_seeds(p["seed"], p["batch_size"])
         styles = _styles_list(styles)
         self._start()
 

@@ -1,10 +1,12 @@
 """Which model file goes in which slot: ComfyUI folders, default file names, download sources.
 
 Shared by the loader node (combo lists, defaults, the workflows' missing-models entries) and the
-command line (finding files in a ComfyUI models directory).
+command line (finding files in a ComfyUI models directory). Knows ComfyUI's file layout, never
+imports ComfyUI.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 FROM_CHECKPOINT = "(from checkpoint)"
@@ -46,11 +48,6 @@ SLOTS = {
                       "model_patches/uso-flux1-projector-v1.safetensors", "model_patches"),
 }
 
-#: The ComfyUI all-in-one checkpoint many users already have (FLUX + CLIP-L + T5 + AE in one file).
-AIO_CHECKPOINT = ("flux1-dev-fp8.safetensors",
-                  "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors",
-                  "checkpoints")
-
 #: Slots that an all-in-one checkpoint or a diffusers FLUX folder can fill.
 EMBEDDED_SLOTS = ("vae", "t5", "clip_l")
 
@@ -78,3 +75,45 @@ def pick_default(slot: str, available: list[str]) -> str | None:
             if label == name or label.endswith("/" + name):
                 return label
     return None
+
+
+#: Weight files the loaders read (pickles are never offered).
+WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf")
+
+
+def _walk_once(root: str):
+    """os.walk following links, each real directory visited once (a symlink loop ends, not hangs)."""
+    seen: set[str] = set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield dirpath, dirs, files
+
+
+def list_folder_files(roots: list[str], folder: str) -> list[str]:
+    """Names ('/'-separated, relative to their root) of the weight files under `roots`; for the
+    `diffusers` folder, the sub-folders holding a model_index.json (as ComfyUI's DiffusersLoader)."""
+    found: set[str] = set()
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirs, files in _walk_once(root):
+            if folder == "diffusers":
+                if "model_index.json" in files:
+                    found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                    dirs[:] = []
+                continue
+            for f in files:
+                if f.lower().endswith(WEIGHT_EXTENSIONS):
+                    found.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def comfy_tokenizer_dirs(comfy_package_dir: str) -> dict[str, str]:
+    """The CLIP-L and T5 tokenizer folders ComfyUI ships inside its `comfy` package folder."""
+    dirs = {"clip_l": os.path.join(comfy_package_dir, "sd1_tokenizer"),
+            "t5": os.path.join(comfy_package_dir, "text_encoders", "t5_tokenizer")}
+    return {k: v for k, v in dirs.items() if os.path.isdir(v)}

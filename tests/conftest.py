@@ -13,10 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-# Test helper modules (tiny_models, reference_math, ...) are imported as top-level modules.
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
+# The pack's `nodes` package and the helper modules in tests/helpers (tiny_models,
+# reference_math, ...) are imported as top-level modules.
+_HERE = Path(__file__).resolve().parent
+for _path in (str(_HERE.parent), str(_HERE / "helpers")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 @pytest.fixture(scope="session")
@@ -38,18 +40,18 @@ def tiny_models(tmp_path_factory):
 def comfy_folders(tiny_models):
     """Point the pack's model folders (what folder_paths gives inside ComfyUI) at the tiny models,
     and the tokenizer search at the tiny tokenizers."""
-    from nodes import comfy_bridge
+    from nodes.comfyui import bridge
 
     folders = ("checkpoints", "diffusion_models", "diffusers", "vae", "text_encoders", "clip_vision", "loras",
                "model_patches")
-    saved = dict(comfy_bridge.standalone_model_folders)
+    saved = dict(bridge.standalone_model_folders)
     saved_env = os.environ.get("USO_TOKENIZER_DIR")
-    comfy_bridge.standalone_model_folders.clear()
-    comfy_bridge.standalone_model_folders.update({f: [str(tiny_models.models_dir / f)] for f in folders})
+    bridge.standalone_model_folders.clear()
+    bridge.standalone_model_folders.update({f: [str(tiny_models.models_dir / f)] for f in folders})
     os.environ["USO_TOKENIZER_DIR"] = str(tiny_models.paths["tokenizer_t5"].parent)
     yield tiny_models
-    comfy_bridge.standalone_model_folders.clear()
-    comfy_bridge.standalone_model_folders.update(saved)
+    bridge.standalone_model_folders.clear()
+    bridge.standalone_model_folders.update(saved)
     if saved_env is None:
         os.environ.pop("USO_TOKENIZER_DIR", None)
     else:

@@ -74,9 +74,3 @@ def open_gguf(path: str) -> WeightSource:
 
 def is_quantized(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "quant_type")
-
-
-def dequantize(tensor: torch.Tensor) -> torch.Tensor:
-    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
-
-    return dequantize_gguf_tensor(tensor) if is_quantized(tensor) else tensor

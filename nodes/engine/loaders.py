@@ -6,7 +6,6 @@ of the weights. Every loader accepts the layouts listed in the parity spec (§4)
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +15,9 @@ from . import architecture, convert, detect
 from .errors import ModelFileError
 from .gguf_files import is_quantized
 from .projector import StyleProjector
+from .fp8 import FP8_DTYPES, fp8_storable
 from .scaled_fp8 import dequantized
 from .weight_files import WeightSource, open_weights
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
 
 @dataclass
 class Component:
@@ -115,17 +112,6 @@ def _strip_to_model_keys(key: str, model_keys: set[str], prefixes: tuple[str, ..
 # ---------------------------------------------------------------------------------------------
 # Transformer
 # ---------------------------------------------------------------------------------------------
-
-#: Modules kept in the compute dtype when the transformer is stored in fp8: tiny, precision-
-#: critical, or per-call LoRA weights. Unlike diffusers' defaults, the AdaLN modulation Linears
-#: (`norm*.linear`, 3.2 B of 11.9 B parameters) are stored in fp8 too.
-FP8_SKIP_PATTERNS = (r"pos_embed", r"norm_q$", r"norm_k$", r"norm_added_q$", r"norm_added_k$",
-                     r"^proj_out$", r"^x_embedder$", r"^context_embedder$", r"time_text_embed")
-
-
-def fp8_storable(module_name: str) -> bool:
-    return not any(re.search(p, module_name) for p in FP8_SKIP_PATTERNS)
-
 
 def transformer_component(path: str) -> tuple[Component, str]:
     """Resolve a transformer choice (file, all-in-one checkpoint, diffusers folder) and its layout."""

@@ -2,7 +2,7 @@
 
 Built on diffusers' own machinery:
 - fp8 storage: diffusers' layerwise casting hooks (weights stored in float8, upcast per layer to the
-  compute dtype), with our skip list (`loaders.FP8_SKIP_PATTERNS`), which unlike diffusers' default
+  compute dtype), with our skip list (`fp8.FP8_SKIP_PATTERNS`, `fp8.py`), which unlike diffusers' default
   also stores the AdaLN modulation Linears in fp8. An unfused LoRA stays in the compute dtype on top.
 - group offload: diffusers' `apply_group_offloading` (block level for the transformer, CUDA stream
   prefetch of the next block; leaf level for the encoders).
@@ -42,7 +42,6 @@ _GIB = 1024 ** 3
 #: Room kept free beyond the weights: a 1024² USO step's activations (~1 GiB with SDPA), the fp32
 #: VAE decode at 1024² (~3 GiB; larger images are decoded in tiles) and allocator slack.
 DEFAULT_MARGIN_BYTES = 6 * _GIB
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -147,36 +146,6 @@ def plan_memory(mode: str, encoders: str, device: torch.device, transformer_byte
     return MemoryPlan("group_offload", "offload",
                       f"transformer ({gib(transformer_bytes)}) does not fit in {gib(free)} free with a "
                       f"{gib(margin_bytes)} margin; streamed block by block")
-
-
-# ---------------------------------------------------------------------------------------------
-# fp8 storage (diffusers layerwise casting)
-# ---------------------------------------------------------------------------------------------
-
-def enable_fp8_storage(transformer: nn.Module, compute: torch.dtype, storable) -> int:
-    """Store every Linear weight whose module name passes `storable` in float8 (fp8 files keep
-    their own fp8 dtype, other weights become float8_e4m3fn, saturating at +-448) and upcast it to
-    `compute` per layer at run time, with diffusers' layerwise casting hook. The LoRA of an unfused
-    `LoraLinear` is not a Linear and stays in `compute`. Returns how many layers are stored in fp8."""
-    from diffusers.hooks import apply_layerwise_casting_hook
-
-    count = 0
-    for name, module in transformer.named_modules():
-        if type(module) is not nn.Linear or not storable(name):
-            continue
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook("layerwise_casting") is not None:
-            continue
-        storage = module.weight.dtype if module.weight.dtype in FP8_DTYPES else torch.float8_e4m3fn
-        apply_layerwise_casting_hook(module, storage, compute, non_blocking=False)
-        count += 1
-    return count
-
-
-def fp8_layers(transformer: nn.Module) -> list[str]:
-    """Names of the Linears stored in fp8 (for tests and the benchmark)."""
-    return [n for n, m in transformer.named_modules()
-            if type(m) is nn.Linear and m.weight.dtype in FP8_DTYPES]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import loaders, lora, memory, positions, sampler, schedule, speed, style, subject, text
+from . import fp8, lora, memory, positions, sampler, schedule, speed, style, subject, text, vae
 from .model_set import LoadedModels, ModelFiles, load_models
 from .errors import InputError, OutOfMemoryError
 
@@ -26,6 +26,12 @@ MAX_BATCH = 16
 MAX_REFERENCE_STYLES = 2
 MAX_REFERENCE_SUBJECTS = 1
 MAX_PROMPT_CHARS = 20000
+SEED_MAX = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed range
+
+
+def batch_seeds(seed: int, count: int) -> list[int]:
+    """Image i of a batch uses seed + i (wrapping past SEED_MAX), so it equals a single run with that seed."""
+    return [(int(seed) + i) % (SEED_MAX + 1) for i in range(int(count))]
 REFERENCE_LONG_SIDE = 512
 
 LORA_MODES = ("auto", "fused", "unfused")
@@ -143,7 +149,7 @@ class USOPipeline:
             lora.apply_unfused(self.transformer, models.lora_parts, options.lora_strength,
                                self.precision.compute)
         if self.precision.fp8_storage:
-            memory.enable_fp8_storage(self.transformer, self.precision.compute, loaders.fp8_storable)
+            fp8.enable_fp8_storage(self.transformer, self.precision.compute)
 
         others = [self.vae, self.t5, self.clip, self.siglip, self.projector]
         encoders = [self.t5, self.clip, self.siglip, self.projector]
@@ -223,7 +229,7 @@ class USOPipeline:
                 except ValueError as exc:
                     raise InputError(f"subject: {exc}") from exc
                 with self._lock, self._placed(), self.placement.use(self.vae, keep=True):
-                    z = subject.encode_latents(self.vae, subject.subject_pixels(prepared), sample_seed)
+                    z = vae.encode_latents(self.vae, subject.subject_pixels(prepared), sample_seed)
                 return z.to(self.precision.compute).cpu(), prepared.size
             z, size = self._subject_cache.get_or(
                 (_image_key(image), long_side, sample_seed),
@@ -337,7 +343,7 @@ class USOPipeline:
             for i, z in enumerate(latents_unscaled):
                 if on_decode is not None:
                     on_decode(i, len(latents_unscaled))
-                images.append(subject.decode_latents(self.vae, z[None], tiled))
+                images.append(vae.decode_latents(self.vae, z[None], tiled))
         return torch.cat(images)
 
     # -- memory ------------------------------------------------------------------------------

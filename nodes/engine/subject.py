@@ -1,4 +1,4 @@
-"""Subject images -> reference latents, exactly as the reference prepares them."""
+"""Subject images -> the pixels the reference encodes (`vae.encode_latents` makes them latents)."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,31 +33,3 @@ def subject_pixels(image: Image.Image) -> torch.Tensor:
     """(1, 3, h, w) float32 in [-1, 1]."""
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
     return x.permute(2, 0, 1)[None] * 2.0 - 1.0
-
-
-@torch.inference_mode()
-def encode_latents(vae, pixels: torch.Tensor, sample_seed: int | None = None) -> torch.Tensor:
-    """Scaled latents (z - shift) * scale. The posterior mean by default; with a seed, a sample.
-
-    (The reference samples with the unseeded global RNG, which cannot be reproduced.)
-    """
-    param = next(vae.parameters())
-    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-    if sample_seed is None:
-        z = dist.mode()
-    else:
-        generator = torch.Generator(device=param.device).manual_seed(int(sample_seed))
-        z = dist.sample(generator=generator)
-    return (z - vae.config.shift_factor) * vae.config.scaling_factor
-
-
-@torch.inference_mode()
-def decode_latents(vae, latents_unscaled: torch.Tensor, tiled: bool = False) -> torch.Tensor:
-    """Unscaled latents -> (B, H, W, 3) float 0..1 on the CPU, quantised to 8 bits like the
-    reference's image (127.5 * (x + 1) truncated)."""
-    param = next(vae.parameters())
-    z = latents_unscaled.to(param.device, param.dtype)
-    x = vae.tiled_decode(z).sample if tiled else vae.decode(z).sample
-    x = x.float().clamp(-1, 1)
-    as_bytes = (127.5 * (x + 1.0)).to(torch.uint8)
-    return (as_bytes.float() / 255.0).permute(0, 2, 3, 1).cpu()

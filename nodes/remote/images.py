@@ -10,7 +10,6 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from ..image_convert import image_batch_to_pils
 from .errors import InputProblem, ProviderError
 
 MAX_PIXELS = 2048 * 2048  # the cap ComfyUI's own API nodes use before uploading
@@ -18,15 +17,14 @@ MAX_ENCODED_BYTES = 2_000_000  # data URIs break at a few MB on fal's side; stay
 JPEG_QUALITY = 95
 
 
-def frames(image, input_name: str) -> list[Image.Image]:
-    """RGB PIL images, one per batch element of an IMAGE input, or from a list of PIL images (the
-    command line's and Python API's image files, which need not share one size)."""
-    if isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image):
-        return [i.convert("RGB") for i in image]
-    try:
-        return image_batch_to_pils(image, input_name)
-    except (TypeError, ValueError) as exc:
-        raise InputProblem(str(exc)) from None
+def frames(images, input_name: str) -> list[Image.Image]:
+    """RGB copies of a list of PIL images (the ComfyUI node converts its IMAGE inputs to such a list;
+    the command line's and Python API's image files need not share one size)."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if not (isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images)):
+        raise InputProblem(f"{input_name}: expected one or more images, got {type(images).__name__}.")
+    return [i.convert("RGB") for i in images]
 
 
 def fit_pixels(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:

@@ -31,7 +31,7 @@ GUIDANCE_RANGE = (1.0, 10.0)  # fal accepts 1-10, AIML 1-20
 NUM_IMAGES_RANGE = (1, 4)
 TIMEOUT_RANGE = (10, 3600)
 MAX_STYLES = 2
-SEED_MAX = 2_147_483_646  # AIML needs seed >= 1; fold ComfyUI's 64-bit seeds into 1..SEED_MAX
+PROVIDER_SEED_MAX = 2_147_483_646  # AIML needs seed >= 1; fold ComfyUI's 64-bit seeds into 1..PROVIDER_SEED_MAX
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,10 @@ class UsoRequest:
 
 
 def map_seed(seed: int) -> int | None:
-    """0 -> None (provider picks); 1..SEED_MAX unchanged; larger seeds folded into that range."""
+    """0 -> None (provider picks); 1..PROVIDER_SEED_MAX unchanged; larger seeds folded into that range."""
     if seed == 0:
         return None
-    return (seed - 1) % SEED_MAX + 1
+    return (seed - 1) % PROVIDER_SEED_MAX + 1
 
 
 def _int(name: str, value) -> int:

@@ -1,0 +1,1 @@
+"""Developer scripts that measure the pack (`python -m nodes.benchmarks.speed`); not tests."""

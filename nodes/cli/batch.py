@@ -1,0 +1,202 @@
+"""Running jobs: output names, resume, progress bars, one failure never stopping the others,
+and the summary. The jobs come checked from `manifest`."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from ..engine.pipeline import batch_seeds
+from .manifest import LOCAL_KINDS, Job, slug
+from .png_info import save_png
+
+
+# -- output names -----------------------------------------------------------------------------------
+
+def output_paths(job: Job, out_dir: str, kind: str, numbered: bool) -> list[str]:
+    """Where the job's images go; a function of the job alone, so a re-run finds them.
+
+    Local: one file per image seed, ``[<index>_]<slug>_<seed>.png`` (`numbered` adds the index).
+    fal/AIML (one seed for the whole request): ``..._<seed>_<k>.png`` for k = 1..batch_size.
+    An explicit `output` name is used as is for one image, else as ``<stem>_<seed>.png``.
+    """
+    n = job.batch_size
+    if kind in LOCAL_KINDS:
+        tags = [str(s) for s in batch_seeds(job.seed, n)]
+    else:
+        tags = [str(job.seed)] if n == 1 else [f"{job.seed}_{k + 1}" for k in range(n)]
+    if job.output:
+        stem, ext = os.path.splitext(job.output)
+        names = [job.output] if n == 1 else [f"{stem}_{t}{ext}" for t in tags]
+    else:
+        base = slug(job.prompt) or slug(os.path.splitext(os.path.basename(job.subject or ""))[0]) or "image"
+        prefix = f"{job.index:04d}_" if numbered else ""
+        names = [f"{prefix}{base}_{t}.png" for t in tags]
+    return [os.path.join(out_dir, name) for name in names]
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    job: Job
+    status: str                      # done | skipped | failed | cancelled | not run
+    paths: list[str]
+    error: str = ""
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"job": self.job.index, "where": self.job.where, "status": self.status, "outputs": self.paths,
+                "error": self.error, "seconds": round(self.seconds, 3), "warnings": self.warnings,
+                "parameters": {k: v for k, v in asdict(self.job).items() if k not in ("index", "where")}}
+
+
+class Progress:
+    """tqdm bars: one across jobs, one across the steps of the running job; lines in between.
+    `enabled` None = bars only on a terminal; the per-job lines are always written."""
+
+    def __init__(self, total_jobs: int, enabled: bool | None = None, stream=None):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.stream = stream or sys.stderr
+        disable = (not self.stream.isatty()) if enabled is None else not enabled
+        self.jobs = tqdm(total=total_jobs, desc="jobs", unit="job", position=0, file=self.stream,
+                         disable=disable, dynamic_ncols=True)
+        self.steps = None
+        self._disable = disable
+
+    def start_job(self, label: str, total_steps: int, unit: str = "step") -> None:
+        self.close_steps()
+        self.steps = self._tqdm(total=total_steps, desc=label, unit=unit, position=1, leave=False,
+                                file=self.stream, disable=self._disable, dynamic_ncols=True)
+
+    def step(self, done: int, total: int) -> None:
+        if self.steps is not None:
+            if self.steps.total != total:
+                self.steps.total = total
+            self.steps.n = done
+            self.steps.refresh()
+
+    def status(self, text: str) -> None:
+        if self.steps is not None:
+            self.steps.set_postfix_str(text.splitlines()[0][:60], refresh=True)
+
+    def line(self, text: str) -> None:
+        self._tqdm.write(text, file=sys.stdout)
+
+    def job_done(self) -> None:
+        self.close_steps()
+        self.jobs.update(1)
+
+    def close_steps(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None
+
+    def close(self) -> None:
+        self.close_steps()
+        self.jobs.close()
+
+
+def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, kind: str, *,
+             overwrite: bool = False, numbered: bool = True, progress: Progress | None = None,
+             on_cancel_check: Callable[[], bool] = lambda: False, tracebacks: bool = False) -> list[Outcome]:
+    """Run every job; a failure is recorded and the next job runs. The backend is made (models
+    loaded) only when the first job needs it, so a finished batch re-runs without loading.
+    A KeyboardInterrupt or a cancel stops the batch: the rest is marked 'not run'."""
+    from ..api import Cancelled
+
+    progress = progress or Progress(len(jobs), enabled=False)
+    outcomes: list[Outcome] = []
+    backend = None
+    total = len(jobs)
+    for i, job in enumerate(jobs):
+        paths = output_paths(job, out_dir, kind, numbered)
+        tag = f"[{i + 1}/{total}]"
+        if not overwrite and all(os.path.exists(p) for p in paths):
+            outcomes.append(Outcome(job, "skipped", paths))
+            progress.line(f"{tag} skipped (already done): {display_path(paths[0])}{_more(paths)}")
+            progress.job_done()
+            continue
+        if on_cancel_check():
+            outcomes.extend(Outcome(j, "not run", output_paths(j, out_dir, kind, numbered)) for j in jobs[i:])
+            break
+        if backend is None:
+            backend = get_backend()   # errors here are setup errors: they stop the batch
+        started = time.monotonic()
+        unit_total = job.steps * job.batch_size if kind in LOCAL_KINDS else 100
+        progress.start_job(f"job {i + 1}", unit_total, "step" if kind in LOCAL_KINDS else "%")
+        try:
+            kwargs = job.generate_kwargs(kind)
+            if kind in LOCAL_KINDS:
+                result = backend.generate(on_step=progress.step, **kwargs)
+            else:
+                result = backend.generate(on_status=progress.status,
+                                          on_progress=lambda f: progress.step(round(100 * f), 100), **kwargs)
+            if len(result.images) != len(paths):  # a provider may return fewer images than asked
+                stem, ext = os.path.splitext(paths[0])
+                paths = paths[:len(result.images)] if len(result.images) < len(paths) else \
+                    [f"{stem}_{k + 1}{ext}" for k in range(len(result.images))]
+            for k, path in enumerate(paths):
+                save_png(result.images[k], path, {**result.image_parameters(k), "job": job.index})
+        except (KeyboardInterrupt, Cancelled):
+            outcomes.append(Outcome(job, "cancelled", paths, "cancelled", time.monotonic() - started))
+            outcomes.extend(Outcome(j, "not run", output_paths(j, out_dir, kind, numbered)) for j in jobs[i + 1:])
+            progress.line(f"{tag} cancelled: {job.where}")
+            break
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
+            reason = _reason(exc)
+            outcomes.append(Outcome(job, "failed", paths, reason, time.monotonic() - started))
+            progress.line(f"{tag} FAILED {job.where}: {reason}")
+            if tracebacks:
+                progress.line(traceback.format_exc().rstrip())
+        else:
+            outcome = Outcome(job, "done", paths, "", time.monotonic() - started, list(result.warnings))
+            outcomes.append(outcome)
+            for w in outcome.warnings:
+                progress.line(f"{tag} warning: {w}")
+            progress.line(f"{tag} done in {outcome.seconds:.1f} s: {display_path(paths[0])}{_more(paths)}")
+        progress.job_done()
+    return outcomes
+
+
+def _reason(exc: BaseException) -> str:
+    from ..engine import USOError
+    from ..remote import RemoteError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (USOError, RemoteError, ValueError, OSError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def display_path(path: str) -> str:
+    """`path` relative to the current folder when it lies inside it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _more(paths: list[str]) -> str:
+    return f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""
+
+
+def summary(outcomes: list[Outcome], seconds: float, out_dir: str) -> str:
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed", "cancelled", "not run")}
+    images = sum(len(o.paths) for o in outcomes if o.status == "done")
+    parts = [f"{counts['done']} done ({images} image{'s' if images != 1 else ''})", f"{counts['skipped']} skipped",
+             f"{counts['failed']} failed"]
+    parts += [f"{counts[s]} {s}" for s in ("cancelled", "not run") if counts[s]]
+    lines = [f"Summary: {len(outcomes)} job{'s' if len(outcomes) != 1 else ''}: {', '.join(parts)} "
+             f"in {seconds:.1f} s; output folder {display_path(out_dir) or '.'}"]
+    for o in outcomes:
+        if o.status == "failed":
+            lines.append(f"  FAILED job {o.job.index} ({o.job.where}): {o.error}")
+    return "\n".join(lines)

@@ -1,0 +1,336 @@
+"""USO from a shell: ``python -m nodes.cli`` in the pack folder (the folder that holds ``nodes/``).
+
+    python -m nodes.cli --tiny --prompt "a cat" --out out/                  # smoke test, no weights
+    python -m nodes.cli --comfy-models ~/ComfyUI/models --prompt "a cat in ink" \\
+        --subject me.jpg --style ink.png --seed 7 --out out/
+    python -m nodes.cli --comfy-models ~/ComfyUI/models --manifest jobs.jsonl --out out/
+    python -m nodes.cli --provider fal --prompt "a cat" --style ink.png --out out/
+
+Exit codes: 0 every job done (or already there), 1 some jobs failed (the others ran; the summary
+lists each failure), 2 usage, manifest or model-setup error (nothing generated), 130 cancelled.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from .. import api
+from . import batch, manifest, model_paths
+from ..engine import EngineOptions, TokenizerNotFoundError, USOError
+from ..engine.memory import MEMORY_MODES, PRECISIONS
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+MODEL_FLAGS = ("comfy_models", "extra_model_paths", "diffusers", "transformer", "vae", "t5", "clip_l", "siglip",
+               "uso_lora", "projector", "tokenizers")
+JOB_FLAGS = ("prompt", "subject", "styles", "seed", "width", "height", "keep_size", "steps", "guidance",
+             "batch_size", "output", "style_crop", "long_side", "shift", "extra_references", "negative_prompt")
+
+
+class SetupError(Exception):
+    """Models or keys could not be set up: nothing can run (exit 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nodes.cli",
+        description="Generate images with USO (FLUX.1-dev + USO LoRA + SigLIP style projector) without "
+                    "ComfyUI: one image from flags, or a batch from a JSON Lines / CSV manifest. Unset "
+                    "parameters take USO Generate's defaults.",
+        epilog="Exit codes: 0 all jobs done or already there; 1 some jobs failed (the others ran); 2 usage, "
+               "manifest or model-setup error (nothing generated); 130 cancelled (Ctrl-C). Manifest keys: "
+               + ", ".join(manifest.FIELDS) + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    job = p.add_argument_group("what to generate (also the defaults for every manifest row)")
+    job.add_argument("--prompt", "-p", help="the prompt; may be empty (with --subject and --keep-size: a restyle)")
+    job.add_argument("--subject", metavar="IMAGE", help="subject / content image")
+    job.add_argument("--style", dest="styles", metavar="IMAGE", action="extend", nargs="+",
+                     help="style image(s); repeat or list several (USO takes up to 2)")
+    job.add_argument("--manifest", "-m", metavar="FILE", help="a .jsonl or .csv file with one job per row")
+    job.add_argument("--out", "-o", metavar="DIR", default="out", help="output folder (default: out)")
+    job.add_argument("--output", metavar="NAME", help="output file name inside --out (single job only; default "
+                     "<prompt>_<seed>.png, or <row>_<prompt>_<seed>.png for a manifest)")
+
+    gen = p.add_argument_group("parameters (USO Generate's defaults; --tiny: 64x64, 4 steps, long side 64)")
+    gen.add_argument("--width", type=int, help="multiple of 16 (default 1024)")
+    gen.add_argument("--height", type=int, help="multiple of 16 (default 1024)")
+    gen.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=None,
+                     help="output size from the subject (2x its encoded size) instead of width/height")
+    gen.add_argument("--steps", type=int, help="denoising steps (default 25; fal/AIML 28)")
+    gen.add_argument("--guidance", type=float, help="FLUX guidance (default 4.0)")
+    gen.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default 0; "
+                     "fal/AIML: 0 lets the provider pick)")
+    gen.add_argument("--batch-size", type=int, help="images per job (default 1)")
+    gen.add_argument("--style-crop", choices=("reference", "center"),
+                     help="reference: squash to 384x384 (USO, default); center: ComfyUI's CLIP Vision Encode")
+    gen.add_argument("--long-side", type=int, help="subject long side in px (default 512)")
+    gen.add_argument("--shift", choices=("reference", "flux"), help="time shift (default reference)")
+    gen.add_argument("--extra-references", action=argparse.BooleanOptionalAction, default=None,
+                     help="allow more than two style images")
+
+    models = p.add_argument_group("model files (default: the folders of the ComfyUI installation this pack sits in)")
+    models.add_argument("--tiny", action="store_true",
+                        help="random tiny models: a seconds-long smoke test of the install; images are noise")
+    models.add_argument("--comfy-models", metavar="DIR", action="append",
+                        help="a ComfyUI models/ folder, searched for the default file names (repeatable; "
+                             "the extra_model_paths.yaml beside it is read too)")
+    models.add_argument("--extra-model-paths", metavar="YAML", action="append",
+                        help="a ComfyUI extra_model_paths.yaml (repeatable)")
+    models.add_argument("--diffusers", metavar="DIR", help="a diffusers FLUX.1-dev folder (transformer, VAE, "
+                        "T5, CLIP-L, tokenizers)")
+    for slot, flag in model_paths.SLOT_FLAGS.items():
+        models.add_argument(flag, dest=slot, metavar="PATH",
+                            help=f"{slot} file (a path, or a name inside the ComfyUI folders)")
+    models.add_argument("--tokenizers", metavar="DIR", help="folder with t5/ and clip_l/ tokenizer folders")
+    models.add_argument("--precision", choices=PRECISIONS, default="auto")
+    models.add_argument("--memory", choices=MEMORY_MODES, default="auto")
+    models.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+
+    rem = p.add_argument_group("remote (fal / AIML; keys from FAL_KEY / AIML_API_KEY or USO_REMOTE_KEYS_FILE)")
+    rem.add_argument("--provider", choices=("fal", "aiml"), help="generate on fal or AIML instead of locally")
+    rem.add_argument("--negative-prompt", help="what to avoid (remote only)")
+    rem.add_argument("--timeout", type=int, default=600, help="seconds per remote job (default 600)")
+    rem.add_argument("--no-safety-checker", action="store_true", help="turn the provider's NSFW checker off")
+
+    run = p.add_argument_group("running")
+    run.add_argument("--overwrite", action="store_true", help="regenerate jobs whose outputs exist")
+    run.add_argument("--dry-run", action="store_true", help="check the jobs and model files, list the plan, "
+                     "generate nothing")
+    run.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                     help="progress bars (auto: on a terminal)")
+    run.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
+    run.add_argument("--verbose", "-v", action="store_true", help="library warnings and tracebacks")
+    return p
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _kind(args) -> str:
+    return "tiny" if args.tiny else (args.provider or "local")
+
+
+def _check_flags(args) -> list[str]:
+    problems = []
+    given_models = [f"--{f.replace('_', '-')}" for f in MODEL_FLAGS if getattr(args, f)]
+    if args.tiny and args.provider:
+        problems.append("--tiny and --provider exclude each other")
+    if (args.tiny or args.provider) and given_models:
+        what = "--tiny builds its own models" if args.tiny else "--provider runs remotely"
+        problems.append(f"{what}; drop {', '.join(given_models)}")
+    if args.manifest and args.output:
+        problems.append("--output names the single job's file; a manifest row sets its own 'output'")
+    if args.timeout < 10 or args.timeout > 3600:
+        problems.append(f"--timeout {args.timeout} is outside 10..3600")
+    return problems
+
+
+def defaults_for(kind: str) -> dict:
+    base = dict(api.DEFAULTS, negative_prompt="", output=None, subject=None, styles=(), extra_references=False)
+    if kind == "tiny":
+        base.update(api.TINY_DEFAULTS)
+    elif kind not in manifest.LOCAL_KINDS:
+        base.update(api.REMOTE_DEFAULTS)
+    return base
+
+
+def plan_jobs(args, kind: str) -> list[manifest.Job]:
+    """The checked jobs; manifest.ManifestError lists every problem."""
+    given = {f: getattr(args, f) for f in JOB_FLAGS}
+    defaults = defaults_for(kind)
+    if not args.manifest:
+        return [manifest.job_from_values(given, kind, defaults)]
+    checked, problems = manifest.check_fields({k: v for k, v in given.items() if v is not None}, kind, os.getcwd(),
+                                           defaults)
+    if problems:
+        raise manifest.ManifestError([f"command line: {p}" for p in problems])
+    return manifest.jobs_from_manifest(args.manifest, kind, checked)
+
+
+class _Interrupts:
+    """First Ctrl-C cancels the running job (and the remote request); the second stops at once."""
+
+    def __init__(self):
+        self.backend = None
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, _sig, _frame):
+        if self.requested or self.backend is None:
+            raise KeyboardInterrupt
+        self.requested = True
+        _err("\nCancelling the running job (press Ctrl-C again to stop at once)...")
+        self.backend.cancel()
+
+
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool):
+    """Library chatter (diffusers/transformers warnings, the remote logger) off unless --verbose."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")}
+    for k in saved_env:  # read when the library is first imported, which may be later
+        os.environ.setdefault(k, "error")
+    saved = []
+    for name in ("diffusers", "transformers", "uso", "uso.remote", "huggingface_hub"):
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level))
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _make_backend(args, kind: str, resolved):
+    def on_load(what: str) -> None:
+        _err(f"loading {what} ...")
+
+    started = time.monotonic()
+    try:
+        if kind == "tiny":
+            backend = api.load(tiny=True, precision=args.precision, memory=args.memory, device=args.device,
+                               on_load_step=on_load)
+        elif kind == "local":
+            from ..engine import USOPipeline
+
+            options = EngineOptions(precision=args.precision, memory=args.memory, device=args.device,
+                                    comfy_tokenizer_dirs=resolved.comfy_tokenizer_dirs)
+            backend = api.USO(USOPipeline.from_files(resolved.files, options, on_load), "local",
+                              api.model_names(resolved.files))
+        else:
+            backend = api.remote(kind, timeout_s=args.timeout, safety_checker=not args.no_safety_checker)
+    except TokenizerNotFoundError as exc:
+        raise SetupError(f"{exc} On the command line: --tokenizers DIR (a folder holding t5/ and clip_l/), or "
+                         "--diffusers DIR, or --comfy-models pointing into a ComfyUI installation, whose own "
+                         "tokenizer files are then used.") from exc
+    except (USOError, OSError, ValueError) as exc:
+        raise SetupError(str(exc)) from exc
+    if kind in manifest.LOCAL_KINDS:
+        pipe = backend.pipeline
+        memory = f", memory {pipe.memory_mode}" if pipe.device.type != "cpu" else ""
+        _err(f"models ready in {time.monotonic() - started:.1f} s on {pipe.device} "
+             f"({str(pipe.precision.compute).replace('torch.', '')}{memory})")
+    return backend
+
+
+def _check_remote_key(kind: str) -> None:
+    from ..remote import KeyProblem
+    from ..remote.keys import resolve_key
+
+    root = model_paths.enclosing_comfyui()
+    try:
+        resolve_key(kind, os.path.join(root, "user") if root else None)
+    except KeyProblem as exc:
+        raise SetupError(str(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kind = _kind(args)
+    problems = _check_flags(args)
+    if problems:
+        for p in problems:
+            _err(f"error: {p}")
+        return EXIT_USAGE
+    with _quiet_libraries(args.verbose):
+        return _run(args, kind)
+
+
+def _run(args, kind: str) -> int:
+    try:
+        jobs = plan_jobs(args, kind)
+    except manifest.ManifestError as exc:
+        for p in exc.problems:
+            _err(f"error: {p}")
+        _err(f"{len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}; nothing was generated.")
+        return EXIT_USAGE
+
+    if kind == "tiny":
+        _err("=" * 78 + f"\n{api.TINY_NOTICE}\n" + "=" * 78)
+    resolved = None
+    try:
+        if kind == "local":
+            resolved = api.resolve_files(**{f: getattr(args, f) for f in MODEL_FLAGS})
+            for note in resolved.notes:
+                _err(f"  {note}")
+        elif kind not in manifest.LOCAL_KINDS:
+            _check_remote_key(kind)
+    except (model_paths.ModelPathError, SetupError) as exc:
+        for line in str(exc).splitlines():
+            _err(f"error: {line}")
+        return EXIT_USAGE
+
+    out_dir = os.path.abspath(args.out)
+    numbered = bool(args.manifest)
+    if args.dry_run:
+        for job in jobs:
+            paths = batch.output_paths(job, out_dir, kind, numbered)
+            state = "exists" if all(os.path.exists(p) for p in paths) and not args.overwrite else "to do"
+            print(f"job {job.index} ({job.where}) [{state}]: {', '.join(batch.display_path(p) for p in paths)}")
+        print(f"dry run: {len(jobs)} job{'s' if len(jobs) != 1 else ''} checked; nothing generated.")
+        return EXIT_OK
+
+    interrupts = _Interrupts()
+
+    def get_backend():
+        interrupts.backend = _make_backend(args, kind, resolved)
+        return interrupts.backend
+
+    progress = batch.Progress(len(jobs), {"auto": None, "on": True, "off": False}[args.progress])
+    started = time.monotonic()
+    try:
+        with interrupts:
+            outcomes = batch.run_jobs(jobs, get_backend, out_dir, kind, overwrite=args.overwrite,
+                                      numbered=numbered, progress=progress,
+                                      on_cancel_check=lambda: interrupts.requested, tracebacks=args.verbose)
+    except SetupError as exc:
+        progress.close()
+        _err(f"error: {exc}")
+        _err("The models could not be loaded; nothing was generated.")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        progress.close()
+        _err("Stopped.")
+        return EXIT_CANCELLED
+    progress.close()
+
+    seconds = time.monotonic() - started
+    print(batch.summary(outcomes, seconds, out_dir), flush=True)
+    if kind == "tiny":
+        works = all(o.status in ("done", "skipped") for o in outcomes)
+        print(f"(--tiny smoke test: the images are noise by design{'; the install works' if works else ''}.)")
+    if args.summary_json:
+        data = {"backend": kind, "seconds": round(seconds, 3), "out": out_dir,
+                "jobs": [o.as_dict() for o in outcomes]}
+        os.makedirs(os.path.dirname(os.path.abspath(args.summary_json)), exist_ok=True)
+        with open(args.summary_json, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+    if any(o.status in ("cancelled", "not run") for o in outcomes):
+        return EXIT_CANCELLED
+    return EXIT_FAILED if any(o.status == "failed" for o in outcomes) else EXIT_OK
+

@@ -1,0 +1,371 @@
+"""Jobs from a manifest or the command line, checked before any model loads.
+
+A manifest is JSON Lines (one object per line; blank lines and lines starting with # are skipped)
+or CSV with a header row. Keys / columns (all optional; unset ones take the command line's values):
+
+  prompt, subject (image path), styles (JSON list or 'a.png;b.png'), seed, width, height, keep_size,
+  steps, guidance, batch_size, output (file name inside --out), style_crop, long_side, shift,
+  extra_references (local), negative_prompt (--provider only)
+
+Relative image paths are relative to the manifest's folder. Every row is checked and every problem
+reported at once, as "<manifest> line N: ...". Image files are checked by their header only; a file
+whose data is broken fails when its job runs.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+from ..engine.pipeline import SEED_MAX
+from .image_files import probe_image
+
+LOCAL_KINDS = ("local", "tiny")
+
+#: Limits per backend kind: (min, max) and step sizes, as the nodes check them.
+LIMITS = {
+    "local": dict(side=(16, 4096), steps=(1, 200), guidance=(0.0, 20.0), batch_size=(1, 16), styles=2),
+    "remote": dict(side=(256, 2048), steps=(1, 50), guidance=(1.0, 10.0), batch_size=(1, 4), styles=2),
+}
+FIELDS = ("prompt", "subject", "styles", "seed", "width", "height", "keep_size", "steps", "guidance",
+          "batch_size", "output", "style_crop", "long_side", "shift", "extra_references", "negative_prompt")
+LOCAL_ONLY = ("style_crop", "long_side", "shift", "extra_references")
+REMOTE_ONLY = ("negative_prompt",)
+ALIASES = {"style": "styles", "crop": "style_crop", "num_images": "batch_size", "image": "subject"}
+CHOICES = {"style_crop": ("reference", "center"), "shift": ("reference", "flux")}
+
+
+class ManifestError(ValueError):
+    """Problems found while checking jobs; one line each, with its location."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int                      # 1-based position among the jobs
+    where: str                      # "jobs.csv line 4" or "command line"
+    prompt: str
+    subject: str | None
+    styles: tuple[str, ...]
+    seed: int
+    width: int
+    height: int
+    keep_size: bool
+    steps: int
+    guidance: float
+    batch_size: int
+    style_crop: str
+    long_side: int
+    shift: str
+    extra_references: bool
+    negative_prompt: str
+    output: str | None
+
+    def generate_kwargs(self, kind: str) -> dict:
+        common = dict(prompt=self.prompt, subject=self.subject, styles=list(self.styles), width=self.width,
+                      height=self.height, keep_size=self.keep_size, steps=self.steps, guidance=self.guidance,
+                      seed=self.seed, batch_size=self.batch_size)
+        if kind in LOCAL_KINDS:
+            return dict(common, style_crop=self.style_crop, long_side=self.long_side, shift=self.shift,
+                        extra_references=self.extra_references)
+        return dict(common, negative_prompt=self.negative_prompt)
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+def read_rows(path: str) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(line number, raw row) per job of a .jsonl / .json / .csv manifest, and (line, problem)
+    for each row that cannot be read. ManifestError when the file itself cannot be."""
+    name = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ManifestError([f"{path}: cannot read the manifest ({exc.strerror or exc})."]) from None
+    if path.lower().endswith(".csv"):
+        return _csv_rows(name, text)
+    if path.lower().endswith((".jsonl", ".ndjson", ".json")):
+        return _jsonl_rows(name, text)
+    raise ManifestError([f"{path}: a manifest ends in .jsonl (JSON Lines) or .csv."])
+
+
+def _jsonl_rows(name: str, text: str):
+    rows, problems = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            problems.append((n, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(value, dict):
+            problems.append((n, f"expected a JSON object like {{\"prompt\": \"...\"}}, got "
+                                f"{type(value).__name__}"))
+            continue
+        rows.append((n, value))
+    return rows, problems
+
+
+def _csv_rows(name: str, text: str):
+    reader = csv.reader(text.splitlines(keepends=True))
+    rows, problems = [], []
+    header: list[str] | None = None
+    start = 1
+    try:
+        for record in reader:
+            line, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in record) or record[0].lstrip().startswith("#"):
+                continue
+            if header is None:
+                header = [h.strip() for h in record]
+                if len(set(header)) != len(header):
+                    problems.append((line, "a column name appears twice in the header"))
+                continue
+            if len(record) > len(header):
+                problems.append((line, f"{len(record)} values but the header has {len(header)} columns "
+                                       "(quote values that contain commas)"))
+                continue
+            rows.append((line, {h: v for h, v in zip(header, record) if v.strip() != ""}))
+    except csv.Error as exc:
+        problems.append((reader.line_num, str(exc)))
+    if header is None and not problems:
+        raise ManifestError([f"{name}: empty; a CSV manifest starts with a header row such as "
+                             "'prompt,subject,seed'."])
+    return rows, problems
+
+
+# -- checking ---------------------------------------------------------------------------------------
+
+def _int(name, value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} {value!r} is not a whole number")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"{name} {value!r} is not a whole number")
+
+
+def _float(name, value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} {value!r} is not a number")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not a number") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{name} {value!r} is not a finite number")
+    return out
+
+
+def _bool(name, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    raise ValueError(f"{name} {value!r} is not true or false")
+
+
+def _text(name, value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {json.dumps(value)}")
+    return value
+
+
+def _styles(value) -> list[str]:
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(";") if s.strip()]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return [s.strip() for s in value if s.strip()]
+    raise ValueError(f"styles must be a list of image paths or 'a.png;b.png', got {json.dumps(value)}")
+
+
+def _in_range(name, value, lo, hi, hint=""):
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} {value} is outside {lo}..{hi}{hint}")
+    return value
+
+
+def slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:limit].rstrip("-")
+
+
+def _output_name(value: str) -> str:
+    name = value.strip().replace("\\", "/")
+    if not name or os.path.isabs(name) or name.startswith("/") or ".." in name.split("/"):
+        raise ValueError(f"output '{value}' must be a file name inside the output folder (no absolute path, no '..')")
+    stem, ext = os.path.splitext(name)
+    if not ext:
+        name += ".png"
+    elif ext.lower() != ".png":
+        raise ValueError(f"output '{value}': images are written as PNG; use a .png name")
+    return name
+
+
+def check_fields(values: dict, kind: str, base_dir: str, defaults: dict) -> tuple[dict, list[str]]:
+    """Typed, checked values of one job (defaults filled in) and the problems of each field.
+
+    `values` holds what the row (or the command line) set; `defaults` the rest. Paths are made
+    absolute against `base_dir`.
+    """
+    limits = LIMITS["local" if kind in LOCAL_KINDS else "remote"]
+    problems: list[str] = []
+    out = dict(defaults)
+    setters = {
+        "prompt": lambda v: _text("prompt", v),
+        "subject": lambda v: _text("subject", v).strip() or None,
+        "styles": _styles,
+        "seed": lambda v: _in_range("seed", _int("seed", v), 0, SEED_MAX),
+        "width": lambda v: _int("width", v),
+        "height": lambda v: _int("height", v),
+        "keep_size": lambda v: _bool("keep_size", v),
+        "steps": lambda v: _in_range("steps", _int("steps", v), *limits["steps"],
+                                     "" if kind in LOCAL_KINDS else " for fal/AIML"),
+        "guidance": lambda v: _in_range("guidance", _float("guidance", v), *limits["guidance"],
+                                        "" if kind in LOCAL_KINDS else " for fal/AIML"),
+        "batch_size": lambda v: _in_range("batch_size", _int("batch_size", v), *limits["batch_size"],
+                                          "" if kind in LOCAL_KINDS else " for fal/AIML (num_images)"),
+        "output": lambda v: _output_name(_text("output", v)) if str(v).strip() else None,
+        "style_crop": lambda v: _choice("style_crop", v),
+        "long_side": lambda v: _long_side(_int("long_side", v)),
+        "shift": lambda v: _choice("shift", v),
+        "extra_references": lambda v: _bool("extra_references", v),
+        "negative_prompt": lambda v: _text("negative_prompt", v),
+    }
+    for key, raw in values.items():
+        if raw is None:
+            continue
+        try:
+            out[key] = setters[key](raw)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if kind in LOCAL_KINDS and key in REMOTE_ONLY and out[key]:
+            problems.append(f"{key} is only sent to fal/AIML (--provider); the local USO has no {key}")
+        if kind not in LOCAL_KINDS and key in LOCAL_ONLY and out[key] != defaults.get(key):
+            problems.append(f"{key} is a local setting; fal/AIML do not take it (drop it with --provider)")
+    if values.get("subject") is not None and out.get("subject"):
+        out["subject"] = _check_image("subject", out["subject"], base_dir, problems)
+    if values.get("styles") is not None:
+        out["styles"] = tuple(_check_image("style", s, base_dir, problems) for s in out.get("styles") or ())
+    out["styles"] = tuple(out.get("styles") or ())
+
+    return out, problems
+
+
+def check_job(out: dict, kind: str) -> list[str]:
+    """Problems between the fields of one job (after `check_fields`)."""
+    limits = LIMITS["local" if kind in LOCAL_KINDS else "remote"]
+    problems: list[str] = []
+    if not out["keep_size"]:
+        lo, hi = limits["side"]
+        for key in ("width", "height"):
+            v = out[key]
+            if isinstance(v, int):
+                if not lo <= v <= hi:
+                    problems.append(f"{key} {v} is outside {lo}..{hi}"
+                                    f"{'' if kind in LOCAL_KINDS else ' for fal/AIML'}")
+                elif v % 16:
+                    problems.append(f"{key} {v} is not a multiple of 16 (use {v // 16 * 16} or {v // 16 * 16 + 16})")
+    max_styles = limits["styles"]
+    if len(out["styles"]) > max_styles and not (kind in LOCAL_KINDS and out.get("extra_references")):
+        problems.append(f"styles: {len(out['styles'])} images; USO takes at most {max_styles}"
+                        + (" (set extra_references to allow more)" if kind in LOCAL_KINDS else " on fal/AIML"))
+    if out["keep_size"] and not out.get("subject"):
+        problems.append("keep_size needs a subject image (the output size comes from it)")
+    if kind not in LOCAL_KINDS and not out.get("subject") and not out["styles"]:
+        problems.append("fal/AIML need at least one image: give a subject and/or styles")
+    return problems
+
+
+def _choice(name, value):
+    if value not in CHOICES[name]:
+        raise ValueError(f"{name} '{value}' is not one of {', '.join(CHOICES[name])}")
+    return value
+
+
+def _long_side(value: int) -> int:
+    if not 64 <= value <= 2048 or value % 16:
+        raise ValueError(f"long_side {value} must be a multiple of 16 in 64..2048 (USO uses 512)")
+    return value
+
+
+def _check_image(what: str, path: str, base_dir: str, problems: list[str]) -> str:
+    full = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+    try:
+        probe_image(full)
+    except ValueError as exc:
+        looked = f" (looked for {full})" if full != path else ""
+        problems.append(f"{what} '{path}' {exc}{looked}")
+    return full
+
+
+def normalize_keys(row: dict) -> tuple[dict, list[str]]:
+    out, problems = {}, []
+    for key, value in row.items():
+        k = str(key).strip().lower()
+        k = ALIASES.get(k, k)
+        if k not in FIELDS:
+            close = difflib.get_close_matches(k, FIELDS + tuple(ALIASES), n=1)
+            problems.append(f"unknown field '{key}'" + (f" (did you mean '{close[0]}'?)" if close else
+                                                         f"; known: {', '.join(FIELDS)}"))
+            continue
+        if k in out:
+            problems.append(f"'{key}' is given twice")
+            continue
+        out[k] = value
+    return out, problems
+
+
+def _make_job(index: int, where: str, values: dict) -> Job:
+    return Job(index=index, where=where, **{k: values.get(k) for k in FIELDS if k != "styles"},
+               styles=tuple(values.get("styles") or ()))
+
+
+def jobs_from_manifest(path: str, kind: str, defaults: dict) -> list[Job]:
+    """Every row checked (all problems at once, as ManifestError) into Jobs."""
+    name = os.path.basename(path)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    rows, unreadable = read_rows(path)
+    if not rows and not unreadable:
+        raise ManifestError([f"{name}: no jobs in the manifest."])
+    jobs, problems, outputs = [], list(unreadable), {}
+    for index, (line, row) in enumerate(rows, 1):
+        where = f"{name} line {line}"
+        values, key_problems = normalize_keys(row)
+        checked, value_problems = check_fields(values, kind, base_dir, defaults)
+        if not value_problems:
+            value_problems = check_job(checked, kind)
+        problems.extend((line, p) for p in key_problems + value_problems)
+        if checked.get("output"):
+            if checked["output"] in outputs:
+                problems.append((line, f"output '{checked['output']}' is also the output of {outputs[checked['output']]}"))
+            outputs.setdefault(checked["output"], where)
+        if not key_problems and not value_problems:
+            jobs.append(_make_job(index, where, checked))
+    if problems:
+        problems.sort(key=lambda p: p[0])  # stable: a row's problems stay in order
+        raise ManifestError([f"{name} line {line}: {p}" for line, p in problems])
+    return jobs
+
+
+def job_from_values(values: dict, kind: str, defaults: dict) -> Job:
+    """The one job of a command line without --manifest (paths relative to the current folder)."""
+    checked, problems = check_fields({k: v for k, v in values.items() if v is not None}, kind, os.getcwd(), defaults)
+    problems = problems or check_job(checked, kind)
+    if problems:
+        raise ManifestError(problems)
+    return _make_job(1, "command line", checked)

@@ -1,0 +1,171 @@
+"""USO Load Models: the model files of ComfyUI's own folders -> one USO_MODEL (a USOPipeline)."""
+from __future__ import annotations
+
+import os
+
+from . import bridge, pipeline_cache
+from ..engine import EngineOptions, InputError, ModelFiles, USOError
+from ..engine.memory import ENCODER_PLACEMENTS, MEMORY_MODES, PRECISIONS
+from ..engine.speed import ATTENTION_CHOICES, STEP_CACHE_MAX, check_step_cache
+from ..engine.pipeline import LORA_MODES
+from ..model_catalog import EMBEDDED_SLOTS, FROM_CHECKPOINT, SLOTS, choice_label, parse_choice, pick_default
+
+LOAD_STEPS = ("transformer", "uso_lora", "vae", "t5", "clip_l", "tokenizers", "siglip", "projector")
+
+
+def transformer_choices() -> list[str]:
+    labels = []
+    for folder in SLOTS["transformer"].folders:
+        labels += [choice_label(folder, name) for name in bridge.list_model_files(folder)]
+    return labels
+
+
+def slot_choices(slot: str) -> list[str]:
+    names = []
+    for folder in SLOTS[slot].folders:
+        names += bridge.list_model_files(folder)
+    if slot == "siglip":  # HF folders (google/siglip-so400m-patch14-384) inside clip_vision
+        names += _hf_folders("clip_vision")
+    return ([FROM_CHECKPOINT] if slot in EMBEDDED_SLOTS else []) + names
+
+
+def _hf_folders(folder: str) -> list[str]:
+    found = []
+    for root in bridge.model_folder_paths(folder):
+        if os.path.isdir(root):
+            for entry in sorted(os.listdir(root)):
+                if os.path.isfile(os.path.join(root, entry, "config.json")):
+                    found.append(entry)
+    return found
+
+
+def _combo(choices: list[str], slot: str, tooltip: str):
+    default = pick_default(slot, choices) or (choices[0] if choices else "")
+    return (choices, {"default": default, "tooltip": tooltip})
+
+
+def resolve(slot: str, label: str) -> str | None:
+    """Absolute path for a combo value; None for "(from checkpoint)"."""
+    if label == FROM_CHECKPOINT and slot in EMBEDDED_SLOTS:
+        return None
+    folder, name = parse_choice(slot, label)
+    try:
+        return bridge.resolve_model_path(folder, name)
+    except (ValueError, FileNotFoundError) as exc:
+        raise USOError(f"{slot}: {exc}") from None
+
+
+class USOLoadModels:
+    NODE_ID = "USOLoadModels"
+    DISPLAY_NAME = "USO Load Models"
+    CATEGORY = "USO"
+    FUNCTION = "load"
+    RETURN_TYPES = ("USO_MODEL",)
+    RETURN_NAMES = ("uso_model",)
+    OUTPUT_TOOLTIPS = ("FLUX.1-dev + the USO LoRA + SigLIP + the style projector, ready for the USO nodes.",)
+    DESCRIPTION = ("Loads FLUX.1-dev with the USO LoRA, the SigLIP style encoder and the USO projector from "
+                   "ComfyUI's model folders (the files ComfyUI's own USO template uses work). With an all-in-one "
+                   "checkpoint or a diffusers folder as transformer, vae / t5 / clip_l can be '(from checkpoint)'.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        embedded = " '(from checkpoint)' takes it from an all-in-one checkpoint or a diffusers folder."
+        return {
+            "required": {
+                "transformer": _combo(transformer_choices(), "transformer",
+                                      "FLUX.1-dev: diffusion_models (bf16, fp8, scaled fp8, GGUF), checkpoints "
+                                      "(ComfyUI all-in-one, e.g. flux1-dev-fp8.safetensors) or diffusers folders."),
+                "vae": _combo(slot_choices("vae"), "vae", "The FLUX autoencoder (ae.safetensors)." + embedded),
+                "t5": _combo(slot_choices("t5"), "t5", "T5-XXL text encoder (fp16, fp8 or scaled fp8)." + embedded),
+                "clip_l": _combo(slot_choices("clip_l"), "clip_l", "CLIP-L text encoder." + embedded),
+                "siglip": _combo(slot_choices("siglip"), "siglip",
+                                 "SigLIP so400m patch14-384 (clip_vision), e.g. sigclip_vision_patch14_384."),
+                "uso_lora": _combo(slot_choices("uso_lora"), "uso_lora",
+                                   "The USO DiT LoRA (uso-flux1-dit-lora-v1 or the original dit_lora)."),
+                "projector": _combo(slot_choices("projector"), "projector",
+                                    "The USO style projector (uso-flux1-projector-v1 or the original projector)."),
+                "precision": (list(PRECISIONS), {
+                    "default": "auto",
+                    "tooltip": "auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU. fp8_e4m3fn: "
+                               "transformer weights stored in fp8 (about half the VRAM), computed in bf16."}),
+                "memory": (list(MEMORY_MODES), {
+                    "default": "auto",
+                    "tooltip": "auto: the fastest placement that fits the free VRAM. gpu: everything resident. "
+                               "model_offload: one model on the GPU at a time. group_offload: the transformer "
+                               "streamed block by block (least VRAM, slower)."}),
+            },
+            "optional": {
+                "lora_mode": (list(LORA_MODES), {
+                    "default": "auto",
+                    "tooltip": "auto: fused into bf16/fp16 weights (fastest), unfused over fp8/GGUF weights. "
+                               "unfused: exactly like the reference."}),
+                "encoders": (list(ENCODER_PLACEMENTS), {
+                    "default": "auto",
+                    "tooltip": "Where T5 (9.5 GB), CLIP-L and SigLIP live in 'gpu' memory mode. offload: in RAM, "
+                               "streamed through the GPU when a new prompt or style is encoded (T5 leaves the GPU "
+                               "after encoding). auto: resident when everything fits."}),
+                "attention": (list(ATTENTION_CHOICES), {
+                    "default": "native",
+                    "tooltip": "diffusers' attention backend. native = torch SDPA, like the reference. flash, "
+                               "flash3, sage, xformers need their package and a GPU (checked when loading); sage "
+                               "can give black images."}),
+                "compile": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "torch.compile the repeated transformer blocks. The first image at a new size "
+                               "compiles (seconds); later ones are faster."}),
+                "step_cache": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": STEP_CACHE_MAX, "step": 0.01,
+                    "tooltip": "First Block Cache threshold (0 = off). 0.05-0.15 skips steps whose first block "
+                               "barely changed: faster, and the image changes more the higher it is."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **widgets):
+        """Reload when a chosen file changes on disk (size or modification time)."""
+        stamps = []
+        for slot, label in sorted(widgets.items()):
+            if slot not in SLOTS or not isinstance(label, str):
+                continue
+            try:
+                path = resolve(slot, label)
+            except USOError:
+                continue
+            if path:
+                stat = os.stat(path)
+                stamps.append(f"{slot}:{stat.st_size}:{stat.st_mtime_ns}")
+        return "|".join(stamps)
+
+    def load(self, transformer, vae, t5, clip_l, siglip, uso_lora, projector, precision="auto",
+             memory="auto", lora_mode="auto", encoders="auto", attention="native", compile=False,
+             step_cache=0.0, unique_id=None):
+        for name, value, choices in (("precision", precision, PRECISIONS), ("memory", memory, MEMORY_MODES),
+                                     ("lora_mode", lora_mode, LORA_MODES),
+                                     ("encoders", encoders, ENCODER_PLACEMENTS),
+                                     ("attention", attention, ATTENTION_CHOICES)):
+            if value not in choices:  # an API workflow skips no check, but fail before loading anything
+                raise InputError(f"{name}: '{value}' is not one of {', '.join(choices)}.")
+        files = ModelFiles(transformer=resolve("transformer", transformer), vae=resolve("vae", vae),
+                           t5=resolve("t5", t5), clip_l=resolve("clip_l", clip_l),
+                           siglip=resolve("siglip", siglip), uso_lora=resolve("uso_lora", uso_lora),
+                           projector=resolve("projector", projector))
+        options = EngineOptions(precision=precision, memory=memory, lora_mode=lora_mode, encoders=encoders,
+                                attention=attention, compile=bool(compile),
+                                step_cache=check_step_cache(step_cache),
+                                device=str(bridge.torch_device()),
+                                comfy_tokenizer_dirs=bridge.comfy_tokenizer_dirs())
+        progress = bridge.Progress(len(LOAD_STEPS), node_id=unique_id)
+
+        def on_load_step(what: str) -> None:
+            bridge.throw_if_interrupted()
+            progress.set(LOAD_STEPS.index(what) if what in LOAD_STEPS else progress.current)
+
+        fingerprint = self.IS_CHANGED(transformer=transformer, vae=vae, t5=t5, clip_l=clip_l, siglip=siglip,
+                                      uso_lora=uso_lora, projector=projector)
+        pipeline = pipeline_cache.get_or_load(files, options, fingerprint, on_load_step)
+        progress.set(len(LOAD_STEPS))
+        return (pipeline,)
+
+
+NODE_CLASSES = [USOLoadModels]

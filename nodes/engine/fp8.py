@@ -1,0 +1,47 @@
+"""fp8 weight storage: which transformer Linears are stored in float8 and the diffusers hooks that
+upcast them per layer to the compute dtype. One policy, used by the loader (fp8 files are kept as
+they are) and by the precision setup (bf16 files are cast)."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+#: Modules kept in the compute dtype when the transformer is stored in fp8: tiny, precision-
+#: critical, or per-call LoRA weights. Unlike diffusers' defaults, the AdaLN modulation Linears
+#: (`norm*.linear`, 3.2 B of 11.9 B parameters) are stored in fp8 too.
+FP8_SKIP_PATTERNS = (r"pos_embed", r"norm_q$", r"norm_k$", r"norm_added_q$", r"norm_added_k$",
+                     r"^proj_out$", r"^x_embedder$", r"^context_embedder$", r"time_text_embed")
+
+
+def fp8_storable(module_name: str) -> bool:
+    return not any(re.search(p, module_name) for p in FP8_SKIP_PATTERNS)
+
+
+def enable_fp8_storage(transformer: nn.Module, compute: torch.dtype) -> int:
+    """Store every Linear weight whose module `fp8_storable` allows in float8 (fp8 files keep
+    their own fp8 dtype, other weights become float8_e4m3fn, saturating at +-448) and upcast it to
+    `compute` per layer at run time, with diffusers' layerwise casting hook. The LoRA of an unfused
+    `LoraLinear` is not a Linear and stays in `compute`. Returns how many layers are stored in fp8."""
+    from diffusers.hooks import apply_layerwise_casting_hook
+
+    count = 0
+    for name, module in transformer.named_modules():
+        if type(module) is not nn.Linear or not fp8_storable(name):
+            continue
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("layerwise_casting") is not None:
+            continue
+        storage = module.weight.dtype if module.weight.dtype in FP8_DTYPES else torch.float8_e4m3fn
+        apply_layerwise_casting_hook(module, storage, compute, non_blocking=False)
+        count += 1
+    return count
+
+
+def fp8_layers(transformer: nn.Module) -> list[str]:
+    """Names of the Linears stored in fp8 (for tests and the benchmark)."""
+    return [n for n, m in transformer.named_modules()
+            if type(m) is nn.Linear and m.weight.dtype in FP8_DTYPES]

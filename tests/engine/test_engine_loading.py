@@ -1,0 +1,294 @@
+"""Every weight layout loads to the same weights; real files derive the official configs;
+a wrong file for a slot fails with a message naming the file and what was expected."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import tiny_models
+from nodes.engine import ModelFileError, TokenizerNotFoundError, architecture, loaders, lora
+from nodes.engine.gguf_files import is_quantized
+from nodes.engine.loaders import Component
+from nodes.engine.weight_files import StateDictSource, open_weights
+
+
+def dequantize(tensor: torch.Tensor) -> torch.Tensor:
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    return dequantize_gguf_tensor(tensor) if is_quantized(tensor) else tensor
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in model.state_dict().items():
+        out[key.replace(".base.", ".")] = dequantize(value).float()
+    return out
+
+
+def _max_rel_error(model, truth) -> float:
+    loaded = _weights(model)
+    worst = 0.0
+    for key, expected in truth.items():
+        got = loaded[key]
+        worst = max(worst, ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item())
+    return worst
+
+
+# fp8 e4m3 has 3 mantissa bits: relative rounding error up to 2^-4 of the value.
+FP8_REL = 2.0 ** -4 + 1e-3
+
+
+@pytest.mark.parametrize("key,tolerance", [
+    ("flux_bfl", 0.0),
+    ("diffusers_dir", 0.0),
+    ("checkpoint_aio", FP8_REL),
+    ("flux_fp8", FP8_REL),
+    ("flux_fp8_scaled", FP8_REL),
+    ("flux_fp8_comfyquant", FP8_REL),
+    ("flux_gguf", 2e-2),
+])
+def test_every_transformer_layout_loads_the_same_weights(tiny_models, key, tolerance):
+    if key not in tiny_models.paths:
+        pytest.skip(tiny_models.skipped.get(key, "not written"))
+    model, cfg = loaders.load_transformer(str(tiny_models.paths[key]), torch.float32)
+    expected = {k: v for k, v in tiny_models.flux_config.items() if v is not None}
+    assert cfg == {**expected, "axes_dims_rope": tuple(expected["axes_dims_rope"])}
+    assert _max_rel_error(model, tiny_models.transformer_state) <= tolerance
+
+
+def test_scaled_fp8_is_dequantized_not_loaded_naively(tiny_models):
+    from safetensors.torch import load_file
+
+    naive = load_file(str(tiny_models.paths["flux_fp8_scaled"]))
+    w_naive = naive["double_blocks.0.img_attn.proj.weight"].float()
+    truth = tiny_models.transformer_state["transformer_blocks.0.attn.to_out.0.weight"]
+    assert (w_naive - truth).abs().max() > 10 * truth.abs().max() * FP8_REL  # naive = garbage
+    model, _ = loaders.load_transformer(str(tiny_models.paths["flux_fp8_scaled"]), torch.float32)
+    got = model.state_dict()["transformer_blocks.0.attn.to_out.0.weight"]
+    assert (got - truth).abs().max() <= truth.abs().max() * FP8_REL
+
+
+def test_fp8_storage_keeps_fp8_files_as_they_are(tiny_models):
+    model, _ = loaders.load_transformer(str(tiny_models.paths["flux_fp8"]), torch.bfloat16, fp8_storage=True)
+    sd = model.state_dict()
+    assert sd["transformer_blocks.0.attn.to_q.weight"].dtype == torch.float8_e4m3fn
+    assert sd["transformer_blocks.0.norm1.linear.weight"].dtype == torch.float8_e4m3fn  # modulation too
+    assert sd["transformer_blocks.0.attn.norm_q.weight"].dtype == torch.bfloat16
+    assert sd["x_embedder.weight"].dtype == torch.bfloat16
+    expected = tiny_models.transformer_state["transformer_blocks.0.attn.to_q.weight"].to(torch.float8_e4m3fn)
+    assert torch.equal(sd["transformer_blocks.0.attn.to_q.weight"].view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("component", [Component("ae"), Component("checkpoint_aio", "vae."),
+                                       Component("diffusers_dir/vae")])
+def test_vae_layouts_load_the_same_weights(tiny_models, component):
+    path = _resolve(tiny_models, component.path)
+    vae = loaders.load_vae(Component(path, component.prefix))
+    assert _max_rel_error(vae, tiny_models.vae_state) == 0.0
+
+
+@pytest.mark.parametrize("key,prefix,tolerance", [
+    ("t5_fp16", "", 0.0), ("t5_fp8", "", FP8_REL), ("t5_fp8_scaled", "", FP8_REL),
+    ("checkpoint_aio", "text_encoders.t5xxl.transformer.", FP8_REL),
+    ("diffusers_dir/text_encoder_2", "", 0.0)])
+def test_t5_layouts_load_the_same_weights(tiny_models, key, prefix, tolerance):
+    t5 = loaders.load_t5(Component(_resolve(tiny_models, key), prefix), torch.float32)
+    truth = {k: v for k, v in tiny_models.t5_state.items()}
+    loaded = t5.state_dict()
+    for k, v in truth.items():
+        assert (loaded[k].float() - v).abs().max() <= tolerance * v.abs().max() + 1e-8, k
+    assert torch.equal(loaded["encoder.embed_tokens.weight"], loaded["shared.weight"])
+
+
+@pytest.mark.parametrize("key,prefix", [("clip_l", ""), ("checkpoint_aio", "text_encoders.clip_l.transformer."),
+                                        ("diffusers_dir/text_encoder", "")])
+def test_clip_layouts_load_the_same_weights(tiny_models, key, prefix):
+    clip = loaders.load_clip(Component(_resolve(tiny_models, key), prefix), torch.float32)
+    loaded = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in clip.state_dict().items()}
+    for k, v in tiny_models.clip_state.items():
+        assert torch.equal(loaded[k].float(), v), k
+
+
+@pytest.mark.parametrize("key", ["siglip_file", "siglip_dir"])
+def test_siglip_layouts_load_only_the_layers_uso_reads(tiny_models, key):
+    model, full_layers = loaders.load_siglip(Component(str(tiny_models.paths[key])))
+    assert full_layers == 27
+    loaded = {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in model.state_dict().items()}
+    assert not any(".layers.26." in k for k in loaded)   # the last layer is never read
+    for k, v in tiny_models.siglip_state.items():
+        if ".layers.26." in k or "head." in k or "post_layernorm" in k:
+            continue
+        assert torch.equal(loaded[k].float(), v), k
+
+
+@pytest.mark.parametrize("key", ["projector_comfy", "projector_original"])
+def test_projector_names_load_the_same_weights(tiny_models, key):
+    model = loaders.load_projector(str(tiny_models.paths[key]), torch.float32)
+    for k, v in tiny_models.projector_state.items():
+        assert torch.equal(model.state_dict()[k.removeprefix("feature_embedder.")].float(), v), k
+
+
+@pytest.mark.parametrize("key", ["lora_comfy", "lora_original"])
+def test_lora_names_load_the_same_parts_and_rank_is_read_from_the_file(tiny_models, key):
+    parts, rank = lora.load_uso_lora(str(tiny_models.paths[key]))
+    assert rank == tiny_models.lora_config["rank"] == 4
+    n_double, n_single = tiny_models.flux_config["num_layers"], tiny_models.flux_config["num_single_layers"]
+    # per double block: 3 + 1 + 3 + 1 modules; per single block: 3 + 1.
+    assert len(parts) == 8 * n_double + 4 * n_single
+    modules = {p.module for p in parts}
+    assert "single_transformer_blocks.0.proj_mlp" not in modules  # qkv_lora never touches the MLP rows
+    q = next(p for p in parts if p.module == "transformer_blocks.1.attn.add_k_proj")
+    up = tiny_models.lora_state["double_blocks.1.processor.qkv_lora2.up.weight"].float()
+    assert torch.equal(q.up.float(), up[64:128])
+
+
+# --------------------------------------------------------------------------------------------
+# Real files: configs derived from shapes (full-size state dicts on the meta device)
+# --------------------------------------------------------------------------------------------
+
+def test_full_size_flux_derives_the_official_config():
+    source = StateDictSource("flux1-dev.safetensors", tiny_models.full_size_bfl_state_on_meta())
+    cfg = architecture.flux_config(source, "bfl", None)
+    official = architecture.official("flux1-dev-transformer")
+    assert cfg == {**official, "axes_dims_rope": tuple(official["axes_dims_rope"])}
+
+
+def test_full_size_encoders_derive_the_official_configs():
+    ae = architecture.vae_config(StateDictSource("ae.safetensors", tiny_models.full_size_state_on_meta("ae")),
+                                 "bfl", None)
+    assert ae == architecture.official("flux-vae")
+    t5 = architecture.t5_config(StateDictSource("t5xxl_fp16.safetensors",
+                                                tiny_models.full_size_state_on_meta("t5")), None)
+    assert t5 == architecture.official("t5-v1_1-xxl-encoder")
+    clip = architecture.clip_config(StateDictSource("clip_l.safetensors",
+                                                    tiny_models.full_size_state_on_meta("clip_l")), None)
+    assert clip == architecture.official("clip-l-text")
+    siglip = architecture.siglip_config(StateDictSource("sigclip_vision_patch14_384.safetensors",
+                                                        tiny_models.full_size_state_on_meta("siglip")), None)
+    assert siglip == architecture.official("siglip-so400m-patch14-384-vision")
+    assert siglip["image_size"] == 384  # not 27 * 14 = 378
+    proj = StateDictSource("projector", tiny_models.full_size_state_on_meta("projector"))
+    assert architecture.projector_config(proj.with_prefix("feature_embedder.")) == architecture.official("uso-projector")
+
+
+def test_full_size_lora_rank_is_128():
+    tensors = tiny_models.full_size_state_on_meta("lora")
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("down.weight")}
+    assert ranks == {128}
+    assert tensors["single_blocks.0.processor.proj_lora.down.weight"].shape[1] == 15360
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong files
+# --------------------------------------------------------------------------------------------
+
+WRONG = [
+    # (slot loader, file key given to it, words the message must contain)
+    ("transformer", "t5_fp16", ["t5xxl_fp16.safetensors", "T5 text encoder", "FLUX.1-dev transformer"]),
+    ("transformer", "lora_comfy", ["USO DiT LoRA", "FLUX.1-dev transformer"]),
+    ("vae", "clip_l", ["clip_l.safetensors", "CLIP text encoder", "FLUX autoencoder"]),
+    ("t5", "ae", ["ae.safetensors", "FLUX autoencoder", "T5-XXL"]),
+    ("clip_l", "t5_fp16", ["T5 text encoder", "CLIP-L"]),
+    ("siglip", "clip_l", ["CLIP text encoder", "SigLIP"]),
+    ("projector", "lora_comfy", ["USO DiT LoRA", "USO style projector"]),
+    ("uso_lora", "projector_comfy", ["USO style projector", "USO DiT LoRA"]),
+]
+
+
+def _load_slot(slot: str, path: str):
+    if slot == "transformer":
+        return loaders.load_transformer(path, torch.float32)
+    if slot == "vae":
+        return loaders.load_vae(Component(path))
+    if slot == "t5":
+        return loaders.load_t5(Component(path), torch.float32)
+    if slot == "clip_l":
+        return loaders.load_clip(Component(path), torch.float32)
+    if slot == "siglip":
+        return loaders.load_siglip(Component(path))
+    if slot == "projector":
+        return loaders.load_projector(path, torch.float32)
+    return lora.load_uso_lora(path)
+
+
+@pytest.mark.parametrize("slot,key,words", WRONG)
+def test_a_wrong_file_names_the_file_and_the_expected_kind(tiny_models, slot, key, words):
+    with pytest.raises(ModelFileError) as err:
+        _load_slot(slot, str(tiny_models.paths[key]))
+    message = str(err.value)
+    assert message.startswith(slot + ":")
+    for word in words:
+        assert word in message
+
+
+def test_truncated_download_is_reported(tiny_models, tmp_path):
+    src = tiny_models.paths["flux_bfl"]
+    cut = tmp_path / "flux1-dev.safetensors"
+    with open(src, "rb") as f:
+        data = f.read()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ModelFileError, match="truncated.*Download it again"):
+        loaders.load_transformer(str(cut), torch.float32)
+
+
+def test_not_a_safetensors_file(tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_text("<html>404 Not Found</html>")
+    with pytest.raises(ModelFileError, match="model.safetensors.*not a safetensors"):
+        open_weights(str(bogus))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    ckpt = tmp_path / "flux1-dev.ckpt"
+    ckpt.write_bytes(b"\x80\x04")
+    with pytest.raises(ModelFileError, match="pickle.*safetensors"):
+        open_weights(str(ckpt))
+
+
+def test_missing_tokenizer_says_which_files_and_where(tiny_models, tmp_path):
+    from nodes.engine import tokenizers
+
+    with pytest.raises(TokenizerNotFoundError) as err:
+        tokenizers.load_tokenizer("t5", [str(tmp_path)])
+    msg = str(err.value)
+    assert "tokenizer.json" in msg and str(tmp_path) in msg and "FLUX.1-dev" in msg
+
+
+def test_tokenizers_load_from_a_root_with_subfolders(tiny_models):
+    from nodes.engine import tokenizers
+
+    root = str(tiny_models.paths["tokenizer_t5"].parent)
+    t5 = tokenizers.load_tokenizer("t5", [root])
+    clip = tokenizers.load_tokenizer("clip_l", [root])
+    assert len(t5("a cat", padding="max_length", max_length=512)["input_ids"]) == 512
+    assert len(clip("a cat", padding="max_length", max_length=77)["input_ids"]) == 77
+
+
+def _resolve(tiny_models, key: str) -> str:
+    head, _, tail = key.partition("/")
+    base = str(tiny_models.paths[head])
+    return os.path.join(base, tail) if tail else base
+
+
+def test_a_tokenizer_from_another_model_is_refused_at_load_time(tiny_models, tmp_path):
+    # A real-size vocabulary against the tiny encoders: ids beyond the embedding table.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from nodes.engine import EngineOptions, ModelFiles, USOPipeline
+
+    vocab = {f"w{i}": i for i in range(5000)}
+    vocab["<unk>"] = 5000
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrong = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>", eos_token="<unk>")
+    for sub in ("t5", "clip_l"):
+        wrong.save_pretrained(tmp_path / sub)
+    p = {k: str(v) for k, v in tiny_models.paths.items()}
+    files = ModelFiles(transformer=p["flux_bfl"], vae=p["ae"], t5=p["t5_fp16"], clip_l=p["clip_l"],
+                       siglip=p["siglip_file"], uso_lora=p["lora_comfy"], projector=p["projector_comfy"],
+                       tokenizer_dir=str(tmp_path))
+    with pytest.raises(ModelFileError, match="t5: its tokenizer knows 5001 tokens.*belongs to another model"):
+        USOPipeline.from_files(files, EngineOptions(precision="fp32", device="cpu"))

@@ -1,0 +1,232 @@
+"""Precision and placement modes (nodes/engine/memory.py) on tiny random-weight models.
+
+Tolerances (stated here, checked below):
+- Placement modes (gpu, model_offload, group_offload; encoders resident or streamed) only decide
+  where weights live, never the arithmetic: the latents must be *identical* to the plain bf16 run.
+  On this CPU-only machine the offload modes install the same diffusers hooks with the CPU as
+  both places, so the hooks are in the path; the CUDA-stream part is not (no GPU here).
+- fp8 storage rounds each stored weight to e4m3 (3 mantissa bits, relative error <= 2^-4): the
+  latents after 3 steps must stay within 5% (mean |diff| / std of the bf16 latents) of the bf16
+  run -- measured 2.0% on this model -- and fp8 + an offload mode must equal fp8 exactly.
+- What needs a GPU (free-VRAM numbers, CUDA streams, moving between devices) is tested as decision
+  logic with stated free-memory numbers, never as a faked GPU result.
+"""
+from __future__ import annotations
+
+import pytest
+import random_pipelines
+import torch
+
+from nodes.engine import USOPipeline, fp8, memory
+from nodes.engine.errors import InputError
+from nodes.engine.lora import LoraLinear
+from nodes.engine.random_models import build_random_models
+
+W, H, STEPS, SEEDS = 64, 48, 3, [3]
+GIB = 1024 ** 3
+FP8_REL_TOL = 0.05
+
+
+def make_pipeline(**options) -> USOPipeline:
+    return random_pipelines.make_pipeline(torch.bfloat16, **options)
+
+
+def run(pipe: USOPipeline, seeds=SEEDS) -> torch.Tensor:
+    return random_pipelines.run(pipe, seeds, STEPS)
+
+
+@pytest.fixture(scope="module")
+def bf16_latents():
+    return run(make_pipeline())
+
+
+@pytest.fixture(scope="module")
+def fp8_latents():
+    return run(make_pipeline(precision="fp8_e4m3fn"))
+
+
+@pytest.mark.parametrize("mode,encoders", [("gpu", "offload"), ("model_offload", "auto"),
+                                           ("group_offload", "auto"), ("auto", "offload")])
+def test_placement_modes_leave_the_latents_identical(bf16_latents, mode, encoders):
+    pipe = make_pipeline(memory=mode, encoders=encoders)
+    if mode == "group_offload":
+        assert memory.has_group_offload(pipe.transformer)
+    if encoders == "offload" or mode in ("model_offload", "group_offload"):
+        assert pipe.placement.is_streamed(pipe.t5) and memory.has_group_offload(pipe.t5)
+        assert pipe.placement.is_streamed(pipe.siglip)
+    assert torch.equal(run(pipe), bf16_latents)
+
+
+def test_fp8_storage_stores_modulation_in_fp8_keeps_the_skip_list_and_the_lora(bf16_latents, fp8_latents):
+    pipe = make_pipeline(precision="fp8_e4m3fn")
+    assert pipe.lora_mode == "unfused"
+    names = fp8.fp8_layers(pipe.transformer)
+    # AdaLN modulation Linears are stored in fp8 too (diffusers' default would keep them in bf16).
+    assert "transformer_blocks.0.norm1.linear" in names
+    assert "transformer_blocks.0.norm1_context.linear" in names
+    assert "single_transformer_blocks.0.norm.linear" in names
+    assert "norm_out.linear" in names
+    assert "single_transformer_blocks.0.proj_out.base" in names  # under the unfused LoRA
+    for kept in ("x_embedder", "context_embedder", "proj_out", "time_text_embed.timestep_embedder.linear_1"):
+        assert kept not in names and not fp8.fp8_storable(kept)
+    lora_layers = [m for m in pipe.transformer.modules() if isinstance(m, LoraLinear)]
+    assert lora_layers and all(m.lora_down.dtype == torch.bfloat16 for m in lora_layers)
+    bf16_pipe = make_pipeline()
+    assert memory.module_bytes(pipe.transformer) < 0.75 * memory.module_bytes(bf16_pipe.transformer)
+    rel = ((fp8_latents - bf16_latents).abs().mean() / bf16_latents.std()).item()
+    assert 0 < rel < FP8_REL_TOL
+
+
+@pytest.mark.parametrize("mode", ["group_offload", "model_offload"])
+def test_fp8_with_offload_equals_fp8(fp8_latents, mode):
+    assert torch.equal(run(make_pipeline(precision="fp8_e4m3fn", memory=mode)), fp8_latents)
+
+
+def test_enable_fp8_storage_is_idempotent():
+    models = build_random_models("tiny", dtype=torch.bfloat16)
+    first = fp8.enable_fp8_storage(models.transformer, torch.bfloat16)
+    assert first > 0
+    assert fp8.enable_fp8_storage(models.transformer, torch.bfloat16) == 0
+
+
+# -- choosing a mode (free memory given, as on a GPU) -----------------------------------------
+
+CUDA = torch.device("cuda")  # only a name here: plan_memory never touches the device when free_bytes is given
+
+
+def plan(free_gib, transformer=22.0, encoders=11.0, vae=0.3, mode="auto", enc="auto"):
+    return memory.plan_memory(mode, enc, CUDA, int(transformer * GIB), int(encoders * GIB), int(vae * GIB),
+                              margin_bytes=6 * GIB, free_bytes=int(free_gib * GIB))
+
+
+@pytest.mark.parametrize("free,expected", [
+    (80, ("gpu", "resident")),          # H100: everything resident (22 + 11 + 0.3 + 6 = 39.3)
+    (35, ("gpu", "offload")),           # transformer + VAE + margin fit (28.3), T5 & co. streamed
+    (28.1, ("model_offload", "offload")),  # only the transformer + margin (28)
+    (20, ("group_offload", "offload")),
+])
+def test_auto_picks_the_fastest_mode_that_fits(free, expected):
+    p = plan(free)
+    assert (p.mode, p.encoders) == expected and p.reason
+
+
+def test_auto_with_fp8_weights_on_a_24_gb_card_keeps_the_transformer_resident():
+    p = plan(22.5, transformer=11.1)
+    assert (p.mode, p.encoders) == ("gpu", "offload")
+
+
+def test_encoder_choice_in_auto_and_explicit_modes():
+    assert (plan(80, enc="offload").mode, plan(80, enc="offload").encoders) == ("gpu", "offload")
+    # Resident encoders asked for but not fitting: the next mode down, not a crash.
+    assert plan(35, enc="resident").mode == "model_offload"
+    assert plan(20, mode="gpu").encoders == "offload"        # gpu chosen, encoders cannot stay
+    assert plan(80, mode="gpu").encoders == "resident"
+    assert plan(80, mode="gpu", enc="offload").encoders == "offload"
+    for mode in ("model_offload", "group_offload"):
+        assert plan(80, mode=mode, enc="resident").encoders == "offload"
+        assert plan(1, mode=mode).mode == mode
+
+
+def test_cpu_has_nothing_to_offload():
+    p = memory.plan_memory("auto", "auto", torch.device("cpu"), 10 ** 12, 10 ** 12, 10 ** 9)
+    assert (p.mode, p.encoders) == ("gpu", "resident")
+    assert memory.plan_memory("auto", "auto", torch.device("cpu"), 10 ** 12, 10 ** 12, 0).mode == "gpu"
+    assert memory.plan_memory("auto", "auto", CUDA, 30 * GIB, 5 * GIB, 0, 6 * GIB, free_bytes=37 * GIB).mode == "gpu"
+    assert memory.plan_memory("auto", "auto", CUDA, 30 * GIB, 5 * GIB, 0, 6 * GIB,
+                              free_bytes=20 * GIB).mode == "group_offload"
+
+
+@pytest.mark.parametrize("bad", [dict(mode="fast"), dict(enc="cpu")])
+def test_unknown_names_are_refused(bad):
+    with pytest.raises(InputError):
+        plan(80, **bad)
+    with pytest.raises(InputError):
+        make_pipeline(**({"memory": bad["mode"]} if "mode" in bad else {"encoders": bad["enc"]}))
+
+
+# -- model offload: models take turns on the device ------------------------------------------
+
+class RecordingPlacement(memory.Placement):
+    """The real bookkeeping; the tensor moves are recorded instead of done (no GPU here)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log, self.where = [], {}
+
+    def _keep_host_copy(self, module):
+        self._host[id(module)] = []
+
+    def _onload_tensors(self, module):
+        self.log.append(("on", module.name))
+        self.where[module.name] = "gpu"
+
+    def _offload_tensors(self, module):
+        self.log.append(("off", module.name))
+        self.where[module.name] = "cpu"
+
+    def on_device(self, module):
+        return self.where.get(module.name) == "gpu"
+
+    def _empty_cache(self):
+        pass
+
+
+def _named(name):
+    m = torch.nn.Linear(2, 2)
+    m.name = name
+    return m
+
+
+def test_model_offload_takes_turns_and_keeps_the_last_model_until_another_needs_room():
+    transformer, vae = _named("transformer"), _named("vae")
+    p = RecordingPlacement("model_offload", CUDA)
+    p.setup(transformer, [vae])
+    with p.use(vae, keep=True):
+        pass
+    with p.use(transformer, keep=True):
+        assert p.where == {"vae": "cpu", "transformer": "gpu"}
+    with p.use(transformer, keep=True):        # already there: no transfer
+        pass
+    with p.use(vae):                             # keep=False: leaves right after
+        assert p.where == {"vae": "gpu", "transformer": "cpu"}
+    assert p.where["vae"] == "cpu"
+    assert p.log == [("on", "vae"), ("off", "vae"), ("on", "transformer"), ("off", "transformer"),
+                     ("on", "vae"), ("off", "vae")]
+    with p.use(transformer, keep=True):
+        pass
+    p.release([transformer, vae])
+    assert p.where["transformer"] == "cpu" and p._onloaded is None
+
+
+def test_placement_refuses_an_unresolved_mode():
+    with pytest.raises(InputError):
+        memory.Placement("auto", torch.device("cpu"))
+
+
+# -- VAE tiling -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("height_px,tiled", [(1536, False), (1552, True)])
+def test_vae_decodes_in_tiles_above_1536_px(monkeypatch, height_px, tiled):
+    pipe = make_pipeline()
+    calls = []
+    original = pipe.vae.tiled_decode
+    monkeypatch.setattr(pipe.vae, "tiled_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    images = pipe.decode(torch.zeros(1, 16, height_px // 8, 2))
+    assert images.shape == (1, height_px, 16, 3)
+    assert bool(calls) == tiled
+
+
+def test_a_module_split_across_devices_does_not_count_as_placed():
+    # An out-of-memory error in the middle of a move leaves a module split across devices; the
+    # next use must move it again. "meta" stands in for the GPU (any non-CPU device moves).
+    from torch import nn
+
+    from nodes.engine.memory import Placement
+
+    module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    placement = Placement("gpu", torch.device("meta"))
+    assert not placement.on_device(module)
+    module[0].weight = nn.Parameter(torch.empty(4, 4, device="meta"))  # moved before the failure
+    assert not placement.on_device(module)
+    module.to("meta")
+    assert placement.on_device(module)
