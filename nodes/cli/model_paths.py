@@ -197,7 +197,7 @@ def enclosing_comfyui(start: str | None = None) -> str | None:
     return None
 
 
-def comfy_tokenizer_dirs(models_dirs: list[str]) -> dict[str, str]:
+def tokenizer_dirs_beside(models_dirs: list[str]) -> dict[str, str]:
     """ComfyUI's shipped tokenizer folders next to a ``models/`` directory (ComfyUI/comfy/...)."""
     for models_dir in models_dirs:
         dirs = model_catalog.comfy_tokenizer_dirs(
@@ -366,4 +366,4 @@ def resolve(sources: ModelSources) -> ResolvedModels:
     files = ModelFiles(transformer=chosen["transformer"], siglip=chosen["siglip"], uso_lora=chosen["uso_lora"],
                        projector=chosen["projector"], vae=chosen.get("vae"), t5=chosen.get("t5"),
                        clip_l=chosen.get("clip_l"), tokenizer_dir=tokenizers)
-    return ResolvedModels(files, comfy_tokenizer_dirs(sources.comfy_models), notes)
+    return ResolvedModels(files, tokenizer_dirs_beside(sources.comfy_models), notes)

@@ -111,7 +111,7 @@ def user_directory() -> str | None:
     return None
 
 
-def comfy_tokenizer_dirs() -> dict[str, str]:
+def shipped_tokenizer_dirs() -> dict[str, str]:
     """The CLIP-L and T5 tokenizer folders ComfyUI ships, when running inside ComfyUI."""
     if _mm is None:
         return {}

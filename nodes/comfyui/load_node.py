@@ -154,7 +154,7 @@ class USOLoadModels:
                                 attention=attention, compile=bool(compile),
                                 step_cache=check_step_cache(step_cache),
                                 device=str(bridge.torch_device()),
-                                comfy_tokenizer_dirs=bridge.comfy_tokenizer_dirs())
+                                comfy_tokenizer_dirs=bridge.shipped_tokenizer_dirs())
         progress = bridge.Progress(len(LOAD_STEPS), node_id=unique_id)
 
         def on_load_step(what: str) -> None:
