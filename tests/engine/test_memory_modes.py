@@ -230,3 +230,36 @@ def test_a_module_split_across_devices_does_not_count_as_placed():
     assert not placement.on_device(module)
     module.to("meta")
     assert placement.on_device(module)
+
+
+# -- precision "auto" on GPUs without native bf16 ----------------------------------------------
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two cards: cuda:0 an Ampere (8.6), cuda:1 a Turing T4 (7.5) whose bf16 is only emulated
+    (`torch.cuda.is_bf16_supported()` says True for it, as it does on a real T4)."""
+    capabilities = {0: (8, 6), 1: (7, 5)}
+    current = {"index": 1}
+
+    def capability(device=None):
+        index = torch.device(device).index if device is not None else None
+        return capabilities[current["index"] if index is None else index]
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    return current
+
+
+def test_auto_precision_uses_fp16_where_bf16_is_only_emulated(fake_cuda):
+    t4 = memory.resolve_precision("auto", torch.device("cuda:1"))
+    assert t4.compute == torch.float16 and t4.text == torch.float32 and not t4.fp8_storage
+    # The chosen device is asked, not the current one: cuda:0 is Ampere while cuda:1 is current.
+    assert memory.resolve_precision("auto", torch.device("cuda:0")).compute == torch.bfloat16
+    fake_cuda["index"] = 0
+    assert memory.resolve_precision("auto", torch.device("cuda:1")).compute == torch.float16
+    assert memory.resolve_precision("auto", torch.device("cuda")).compute == torch.bfloat16
+    # bf16 named explicitly on the T4 runs emulated bf16, as asked.
+    assert memory.resolve_precision("bf16", torch.device("cuda:1")).compute == torch.bfloat16
