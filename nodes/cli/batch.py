@@ -103,6 +103,61 @@ class Progress:
         self.jobs.close()
 
 
+def is_finished(paths: list[str], overwrite: bool) -> bool:
+    """True when a re-run skips the job: every output exists and --overwrite was not given."""
+    return not overwrite and all(os.path.exists(p) for p in paths)
+
+
+def progress_units(job: Job, kind: str) -> tuple[int, str]:
+    """(total, unit) of a job's step bar: denoising steps locally, percent remotely."""
+    return (job.steps * job.batch_size, "step") if kind in LOCAL_KINDS else (100, "%")
+
+
+def generate(backend, job: Job, kind: str, on_step: Callable[[int, int], None] | None = None,
+             on_status: Callable[[str], None] | None = None):
+    """One job's `api.Output` from a local or remote backend (every job field goes through
+    `Job.generate_kwargs`, so a new field needs no change here)."""
+    kwargs = job.generate_kwargs(kind)
+    if kind in LOCAL_KINDS:
+        return backend.generate(on_step=on_step, **kwargs)
+    return backend.generate(on_status=on_status,
+                            on_progress=None if on_step is None else (lambda f: on_step(round(100 * f), 100)),
+                            **kwargs)
+
+
+def save_outputs(result, paths: list[str], job: Job) -> list[str]:
+    """Write the job's images (atomically, with their parameters) to `paths`; returns the paths
+    written, which differ from `paths` only when a provider returned another number of images."""
+    if len(result.images) != len(paths):
+        stem, ext = os.path.splitext(paths[0])
+        paths = paths[:len(result.images)] if len(result.images) < len(paths) else \
+            [f"{stem}_{k + 1}{ext}" for k in range(len(result.images))]
+    for k, path in enumerate(paths):
+        save_png(result.images[k], path, {**result.image_parameters(k), "job": job.index})
+    return paths
+
+
+def report(progress: "Progress", tag: str, outcome: Outcome, traceback_text: str = "") -> None:
+    """The line a finished job gets (and its warnings, and with --verbose a failure's traceback)."""
+    if outcome.status == "skipped":
+        progress.line(f"{tag} skipped (already done): {display_path(outcome.paths[0])}{_more(outcome.paths)}")
+    elif outcome.status == "cancelled":
+        progress.line(f"{tag} cancelled: {outcome.job.where}")
+    elif outcome.status == "failed":
+        progress.line(f"{tag} FAILED {outcome.job.where}: {outcome.error}")
+        if traceback_text:
+            progress.line(traceback_text.rstrip())
+    elif outcome.status == "done":
+        for w in outcome.warnings:
+            progress.line(f"{tag} warning: {w}")
+        progress.line(f"{tag} done in {outcome.seconds:.1f} s: {display_path(outcome.paths[0])}"
+                      f"{_more(outcome.paths)}")
+
+
+def not_run(jobs: list[Job], out_dir: str, kind: str, numbered: bool) -> list[Outcome]:
+    return [Outcome(j, "not run", output_paths(j, out_dir, kind, numbered)) for j in jobs]
+
+
 def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, kind: str, *,
              overwrite: bool = False, numbered: bool = True, progress: Progress | None = None,
              on_cancel_check: Callable[[], bool] = lambda: False, tracebacks: bool = False) -> list[Outcome]:
@@ -118,54 +173,39 @@ def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, k
     for i, job in enumerate(jobs):
         paths = output_paths(job, out_dir, kind, numbered)
         tag = f"[{i + 1}/{total}]"
-        if not overwrite and all(os.path.exists(p) for p in paths):
+        if is_finished(paths, overwrite):
             outcomes.append(Outcome(job, "skipped", paths))
-            progress.line(f"{tag} skipped (already done): {display_path(paths[0])}{_more(paths)}")
+            report(progress, tag, outcomes[-1])
             progress.job_done()
             continue
         if on_cancel_check():
-            outcomes.extend(Outcome(j, "not run", output_paths(j, out_dir, kind, numbered)) for j in jobs[i:])
+            outcomes.extend(not_run(jobs[i:], out_dir, kind, numbered))
             break
         if backend is None:
             backend = get_backend()   # errors here are setup errors: they stop the batch
         started = time.monotonic()
-        unit_total = job.steps * job.batch_size if kind in LOCAL_KINDS else 100
-        progress.start_job(f"job {i + 1}", unit_total, "step" if kind in LOCAL_KINDS else "%")
+        progress.start_job(f"job {i + 1}", *progress_units(job, kind))
+        trace = ""
         try:
-            kwargs = job.generate_kwargs(kind)
-            if kind in LOCAL_KINDS:
-                result = backend.generate(on_step=progress.step, **kwargs)
-            else:
-                result = backend.generate(on_status=progress.status,
-                                          on_progress=lambda f: progress.step(round(100 * f), 100), **kwargs)
-            if len(result.images) != len(paths):  # a provider may return fewer images than asked
-                stem, ext = os.path.splitext(paths[0])
-                paths = paths[:len(result.images)] if len(result.images) < len(paths) else \
-                    [f"{stem}_{k + 1}{ext}" for k in range(len(result.images))]
-            for k, path in enumerate(paths):
-                save_png(result.images[k], path, {**result.image_parameters(k), "job": job.index})
+            result = generate(backend, job, kind, on_step=progress.step, on_status=progress.status)
+            paths = save_outputs(result, paths, job)
         except (KeyboardInterrupt, Cancelled):
             outcomes.append(Outcome(job, "cancelled", paths, "cancelled", time.monotonic() - started))
-            outcomes.extend(Outcome(j, "not run", output_paths(j, out_dir, kind, numbered)) for j in jobs[i + 1:])
-            progress.line(f"{tag} cancelled: {job.where}")
+            report(progress, tag, outcomes[-1])
+            outcomes.extend(not_run(jobs[i + 1:], out_dir, kind, numbered))
             break
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
-            reason = _reason(exc)
-            outcomes.append(Outcome(job, "failed", paths, reason, time.monotonic() - started))
-            progress.line(f"{tag} FAILED {job.where}: {reason}")
-            if tracebacks:
-                progress.line(traceback.format_exc().rstrip())
+            outcomes.append(Outcome(job, "failed", paths, failure_reason(exc), time.monotonic() - started))
+            trace = traceback.format_exc() if tracebacks else ""
         else:
-            outcome = Outcome(job, "done", paths, "", time.monotonic() - started, list(result.warnings))
-            outcomes.append(outcome)
-            for w in outcome.warnings:
-                progress.line(f"{tag} warning: {w}")
-            progress.line(f"{tag} done in {outcome.seconds:.1f} s: {display_path(paths[0])}{_more(paths)}")
+            outcomes.append(Outcome(job, "done", paths, "", time.monotonic() - started, list(result.warnings)))
+        report(progress, tag, outcomes[-1], trace)
         progress.job_done()
     return outcomes
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
+    """A failed job's one-line reason (the exception type only where the message alone is unclear)."""
     from ..engine import USOError
     from ..remote import RemoteError
 
