@@ -7,7 +7,8 @@ Built on diffusers' own machinery:
 - group offload: diffusers' `apply_group_offloading` (block level for the transformer, CUDA stream
   prefetch of the next block; leaf level for the encoders).
 - model offload: the models take turns on the GPU, like diffusers' `enable_model_cpu_offload`; the
-  host copies are kept (pinned) so sending a model back costs nothing.
+  host copies are kept so sending a model back costs nothing, page-locked (pinned) within the plan's
+  host-RAM budget (`pin_budget`).
 
 Memory modes (`MEMORY_MODES`):
 - "gpu": the transformer and the VAE stay on the GPU; the encoders (T5, CLIP-L, SigLIP, projector)
@@ -23,6 +24,7 @@ On a machine without a GPU nothing moves; the offload modes still install their 
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -110,16 +112,58 @@ def module_bytes(module: nn.Module | None) -> int:
 # Choosing a mode
 # ---------------------------------------------------------------------------------------------
 
+#: Host RAM left to the system and other programs when deciding how much to page-lock.
+HOST_RESERVE_BYTES = 4 * _GIB
+#: At most this share of the machine's RAM is ever page-locked (pinned memory cannot be swapped
+#: out; pinning most of the RAM starves everything else on the machine).
+MAX_PINNED_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    available: int     # MemAvailable: what can be allocated without swapping
+    total: int
+
+
+def host_memory() -> HostMemory | None:
+    """The host's RAM figures (torch has no API for them): Linux's /proc/meminfo, else sysconf;
+    None where neither answers (then pinning is not bounded by a figure we do not have)."""
+    try:
+        fields = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                fields[name] = int(rest.split()[0]) * 1024
+        return HostMemory(fields["MemAvailable"], fields["MemTotal"])
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return HostMemory(os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page)
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def pin_budget(host: HostMemory | None) -> int | None:
+    """How many bytes of host copies may be page-locked: what is available beyond a reserve, and
+    never more than `MAX_PINNED_SHARE` of the RAM. None: no figure, no bound."""
+    if host is None:
+        return None
+    return max(0, min(host.available - HOST_RESERVE_BYTES, int(host.total * MAX_PINNED_SHARE)))
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     mode: str          # "gpu" | "model_offload" | "group_offload"
     encoders: str      # "resident" | "offload"
-    reason: str        # one line for logs and the benchmark
+    reason: str        # one line for logs and the benchmark; says when fp8 or GGUF would fit
+    pin_budget_bytes: int | None = None  # page-locked host copies allowed; None = no bound (no GPU)
 
 
 def plan_memory(mode: str, encoders: str, device: torch.device, transformer_bytes: int,
                 encoder_bytes: int, vae_bytes: int, margin_bytes: int = DEFAULT_MARGIN_BYTES,
-                free_bytes: int | None = None) -> MemoryPlan:
+                free_bytes: int | None = None, host: HostMemory | None = None,
+                transformer_quantized: bool = False) -> MemoryPlan:
     """The placement to use. "auto" picks the fastest that fits `free_bytes` (the device's free
     memory when None), keeping `margin_bytes` for activations:
 
@@ -130,6 +174,13 @@ def plan_memory(mode: str, encoders: str, device: torch.device, transformer_byte
 
     `encoders` ("auto" | "offload" | "resident") only matters in "gpu" mode; "auto" keeps them
     resident when they fit beside everything else.
+
+    Host RAM (`host`, measured when None): the offload modes keep their models in RAM, where they
+    already are after loading; what costs more is page-locking (pinning) the host copies, which
+    makes transfers fast, and which diffusers' group offloading does by *copying* every weight.
+    The plan's `pin_budget_bytes` bounds it (`pin_budget`); past it, host copies stay pageable
+    (pinned per transfer: slower, no extra RAM). When the transformer is not already fp8 or GGUF
+    and does not fit resident, the reason says what an fp8 or GGUF transformer would need.
     """
     if mode not in MEMORY_MODES:
         raise InputError(f"memory: '{mode}' is not one of {', '.join(MEMORY_MODES)}.")
@@ -137,32 +188,53 @@ def plan_memory(mode: str, encoders: str, device: torch.device, transformer_byte
         raise InputError(f"encoders: '{encoders}' is not one of {', '.join(ENCODER_PLACEMENTS)}.")
     on_gpu = device.type == "cuda" or free_bytes is not None
     free = free_bytes if free_bytes is not None else free_memory(device)
+    pins = pin_budget(host if host is not None else host_memory()) if on_gpu else None
     gib = lambda n: f"{n / _GIB:.1f} GiB"  # noqa: E731
     everything = transformer_bytes + vae_bytes + encoder_bytes + margin_bytes
     lean = transformer_bytes + vae_bytes + margin_bytes
 
+    def smaller_weights_hint() -> str:
+        if not on_gpu or transformer_quantized or lean <= free:
+            return ""
+        # fp8 storage keeps the embedders and norms in 16 bits: a little over half of bf16.
+        half = transformer_bytes * 0.52
+        if half + vae_bytes + margin_bytes <= free:
+            fit = "would stay on the GPU (no streaming)"
+        elif half + margin_bytes <= free:
+            fit = "would fit with model offload (moved once per image, not every step)"
+        else:
+            fit = "would halve what streams every step"
+        return (f"; precision 'fp8_e4m3fn' (transformer about {gib(half)}) {fit}, and a Q8_0 / Q5 / Q4 "
+                f"GGUF transformer is about {gib(half)} / {gib(transformer_bytes * 0.35)} / "
+                f"{gib(transformer_bytes * 0.29)}")
+
+    def planned(chosen: str, placed: str, reason: str) -> MemoryPlan:
+        if chosen != "gpu" and pins is not None:
+            reason += f"; at most {gib(pins)} of host RAM page-locked"
+        return MemoryPlan(chosen, placed, reason + smaller_weights_hint(), pins)
+
     if mode != "auto":
         if mode == "gpu" and encoders == "auto":
             resident = not on_gpu or everything <= free
-            return MemoryPlan("gpu", "resident" if resident else "offload",
-                              "encoders fit beside the transformer" if resident else
-                              f"encoders streamed: {gib(everything)} needed with them, {gib(free)} free")
+            return planned("gpu", "resident" if resident else "offload",
+                           "encoders fit beside the transformer" if resident else
+                           f"encoders streamed: {gib(everything)} needed with them, {gib(free)} free")
         placed = encoders if mode == "gpu" else "offload"
-        return MemoryPlan(mode, "resident" if placed == "auto" else placed, f"memory='{mode}' chosen")
+        return planned(mode, "resident" if placed == "auto" else placed, f"memory='{mode}' chosen")
     if not on_gpu:
-        placed = "resident" if encoders == "auto" else encoders
-        return MemoryPlan("gpu", placed, f"{device.type}: nothing to offload")
+        return MemoryPlan("gpu", "resident" if encoders == "auto" else encoders,
+                          f"{device.type}: nothing to offload")
     if encoders != "offload" and everything <= free:
-        return MemoryPlan("gpu", "resident", f"all models fit: {gib(everything)} of {gib(free)} free")
+        return planned("gpu", "resident", f"all models fit: {gib(everything)} of {gib(free)} free")
     if encoders != "resident" and lean <= free:
-        return MemoryPlan("gpu", "offload", f"transformer + VAE fit ({gib(lean)} of {gib(free)} free); "
-                                            "encoders streamed")
+        return planned("gpu", "offload", f"transformer + VAE fit ({gib(lean)} of {gib(free)} free); "
+                                         "encoders streamed")
     if transformer_bytes + margin_bytes <= free:
-        return MemoryPlan("model_offload", "offload",
-                          f"transformer alone fits ({gib(transformer_bytes + margin_bytes)} of {gib(free)})")
-    return MemoryPlan("group_offload", "offload",
-                      f"transformer ({gib(transformer_bytes)}) does not fit in {gib(free)} free with a "
-                      f"{gib(margin_bytes)} margin; streamed block by block")
+        return planned("model_offload", "offload",
+                       f"transformer alone fits ({gib(transformer_bytes + margin_bytes)} of {gib(free)})")
+    return planned("group_offload", "offload",
+                   f"transformer ({gib(transformer_bytes)}) does not fit in {gib(free)} free with a "
+                   f"{gib(margin_bytes)} margin; streamed block by block")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,12 +281,15 @@ class Placement:
     memory back; `restore` (or simply the next `use`) puts things back.
     """
 
-    def __init__(self, mode: str, device: torch.device, encoders: str = "resident"):
+    def __init__(self, mode: str, device: torch.device, encoders: str = "resident",
+                 pin_budget_bytes: int | None = None):
         if mode not in MEMORY_MODES[1:]:
             raise InputError(f"memory: '{mode}' must be resolved to one of {', '.join(MEMORY_MODES[1:])}.")
         self.mode = mode
         self.device = torch.device(device)
         self.encoders = encoders
+        self.pin_budget_bytes = pin_budget_bytes   # None: no bound
+        self.pinned_bytes = 0                       # host copies page-locked so far
         self._offload_device = torch.device("cpu")
         self._streamed: set[int] = set()           # ids of modules under diffusers group offloading
         self._resident: list[nn.Module] = []      # kept on the device in "gpu" mode
@@ -265,10 +340,13 @@ class Placement:
             self._streamed.add(id(module))
             return
         group_offloading = _group_offloading_module()
+        # With a CUDA stream diffusers keeps a pinned *copy* of every weight (low_cpu_mem_usage
+        # False); past the pin budget it pins each group only while it is transferred instead.
+        pinned = self.use_stream and self._take_pin_budget(module_bytes(module))
         kwargs = dict(onload_device=self.device, offload_device=self._offload_device,
                       offload_type=offload_type, use_stream=self.use_stream,
                       record_stream=self.use_stream, non_blocking=self.use_stream,
-                      low_cpu_mem_usage=False)
+                      low_cpu_mem_usage=not pinned)
         if offload_type == "block_level":
             kwargs["num_blocks_per_group"] = 1
         group_offloading.apply_group_offloading(module, **kwargs)
@@ -278,9 +356,10 @@ class Placement:
         """Pinned host copies of a module's tensors: onloading is one fast copy each way in, and
         offloading only points the tensors back at them (inference never writes weights)."""
         tensors = []
+        pin = self.device.type == "cuda" and self._take_pin_budget(module_bytes(module))
         for t in [*module.parameters(), *module.buffers()]:
             data = t.data.to(self._offload_device)
-            if self.device.type == "cuda":
+            if pin:
                 try:
                     data = data.pin_memory()
                 except RuntimeError:
@@ -288,6 +367,14 @@ class Placement:
             t.data = data
             tensors.append((t, data))
         self._host[id(module)] = tensors
+
+    def _take_pin_budget(self, nbytes: int) -> bool:
+        """Whether a module's host copies may be page-locked (whole modules: a module is either
+        fast to move or not), counting them against the budget when they may."""
+        if self.pin_budget_bytes is not None and self.pinned_bytes + nbytes > self.pin_budget_bytes:
+            return False
+        self.pinned_bytes += nbytes
+        return True
 
     # -- running ---------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -155,9 +156,15 @@ class USOPipeline:
         encoders = [self.t5, self.clip, self.siglip, self.projector]
         self.memory_plan = memory.plan_memory(
             options.memory, options.encoders, self.device, memory.module_bytes(self.transformer),
-            sum(memory.module_bytes(m) for m in encoders), memory.module_bytes(self.vae))
+            sum(memory.module_bytes(m) for m in encoders), memory.module_bytes(self.vae),
+            transformer_quantized=self._quantized())
+        if self.memory_plan.mode != "gpu":
+            # Offloading is slower; the reason says whether fp8 or GGUF weights would avoid it.
+            logging.getLogger("uso.engine").warning("memory: %s (%s)", self.memory_plan.mode,
+                                                    self.memory_plan.reason)
         self.memory_mode = self.memory_plan.mode
-        self.placement = memory.Placement(self.memory_mode, self.device, self.memory_plan.encoders)
+        self.placement = memory.Placement(self.memory_mode, self.device, self.memory_plan.encoders,
+                                          self.memory_plan.pin_budget_bytes)
         self.placement.setup(self.transformer, others, encoders=encoders)
         self.speed = speed.apply(self.transformer, speed.SpeedSettings(
             options.attention, options.compile, options.step_cache), self.device, self.precision.compute)
@@ -169,11 +176,15 @@ class USOPipeline:
         models = load_models(files, precision, options.comfy_tokenizer_dirs, on_load_step)
         return cls(models, options)
 
+    def _quantized(self) -> bool:
+        """fp8 storage or GGUF weights: the transformer is already as small as it gets here."""
+        return self.precision.fp8_storage or any(
+            hasattr(p, "quant_type") for p in self.transformer.parameters())
+
     def _resolve_lora_mode(self, mode: str) -> str:
         if mode not in LORA_MODES:
             raise InputError(f"lora_mode: '{mode}' is not one of {', '.join(LORA_MODES)}.")
-        quantized = self.precision.fp8_storage or any(
-            hasattr(p, "quant_type") for p in self.transformer.parameters())
+        quantized = self._quantized()
         if mode == "fused" and quantized:
             raise InputError("lora_mode: 'fused' cannot be used with fp8 or GGUF transformer weights "
                              "(fusing into fp8 loses about half of the LoRA); use 'unfused' or 'auto'.")

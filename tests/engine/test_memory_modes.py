@@ -263,3 +263,78 @@ def test_auto_precision_uses_fp16_where_bf16_is_only_emulated(fake_cuda):
     assert memory.resolve_precision("auto", torch.device("cuda")).compute == torch.bfloat16
     # bf16 named explicitly on the T4 runs emulated bf16, as asked.
     assert memory.resolve_precision("bf16", torch.device("cuda:1")).compute == torch.bfloat16
+
+
+# -- host RAM: what the offload modes page-lock -----------------------------------------------
+
+def test_host_memory_is_read_from_the_system():
+    host = memory.host_memory()
+    assert host is not None and 0 < host.available <= host.total
+
+
+@pytest.mark.parametrize("available,total,budget", [
+    (28, 64, 24),     # 64 GiB machine with the models loaded: available minus the 4 GiB reserve
+    (120, 128, 64),   # plenty available: never more than half the RAM
+    (3, 32, 0),       # nothing to spare: nothing pinned
+])
+def test_pin_budget_keeps_a_reserve_and_at_most_half_the_ram(available, total, budget):
+    assert memory.pin_budget(memory.HostMemory(available * GIB, total * GIB)) == budget * GIB
+
+
+def test_24_gib_card_bf16_plan_bounds_pinning_and_names_fp8_and_gguf():
+    # The case of the issue: 24 GiB free, bf16 FLUX (22.2 GiB) + 11 GiB of encoders, 64 GiB host.
+    p = memory.plan_memory("auto", "auto", CUDA, int(22.2 * GIB), 11 * GIB, int(0.3 * GIB),
+                           margin_bytes=6 * GIB, free_bytes=24 * GIB,
+                           host=memory.HostMemory(28 * GIB, 64 * GIB))
+    assert p.mode == "group_offload"
+    assert p.pin_budget_bytes == 24 * GIB          # not the 33 GiB of every streamed weight
+    assert "fp8_e4m3fn" in p.reason and "GGUF" in p.reason and "would stay on the GPU" in p.reason
+    # Already fp8: no hint to use fp8.
+    fp8_plan = memory.plan_memory("auto", "auto", CUDA, int(11.6 * GIB), 11 * GIB, int(0.3 * GIB),
+                                  margin_bytes=6 * GIB, free_bytes=12 * GIB,
+                                  host=memory.HostMemory(28 * GIB, 64 * GIB), transformer_quantized=True)
+    assert fp8_plan.mode == "group_offload" and "fp8_e4m3fn" not in fp8_plan.reason
+    # Everything fits: nothing to suggest, nothing pinned by the plan.
+    assert "GGUF" not in plan(80).reason
+
+
+def _module(megabytes):
+    return torch.nn.Linear(megabytes * 1024, 256, bias=False)  # 1 MiB per 1024 inputs in fp32
+
+
+def test_group_offload_pins_host_copies_only_within_the_budget(monkeypatch):
+    from diffusers.hooks import group_offloading
+
+    calls = {}
+    monkeypatch.setattr(group_offloading, "apply_group_offloading",
+                        lambda module, **kw: calls.__setitem__(module.name, kw["low_cpu_mem_usage"]))
+    monkeypatch.setattr(memory.Placement, "use_stream", property(lambda self: True))
+    transformer, t5, clip, vae = _module(6), _module(3), _module(1), _module(1)
+    for name, m in (("transformer", transformer), ("t5", t5), ("clip", clip)):
+        m.name = name
+    moved = []
+    monkeypatch.setattr(vae, "to", lambda device: moved.append(device))
+    p = memory.Placement("group_offload", CUDA, "offload", pin_budget_bytes=8 * 1024 ** 2)
+    p.setup(transformer, [vae, t5, clip], encoders=[t5, clip])
+    # The transformer (6 MiB) is pinned; T5 (3 MiB) would pass the 8 MiB budget: pinned per
+    # transfer instead (low_cpu_mem_usage); CLIP (1 MiB) still fits.
+    assert calls == {"transformer": False, "t5": True, "clip": False}
+    assert p.pinned_bytes == 7 * 1024 ** 2 and moved == [CUDA]
+
+
+def test_model_offload_pins_host_copies_only_within_the_budget(monkeypatch):
+    pinned = []
+
+    def fake_pin(tensor):
+        pinned.append(tensor.numel())
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    transformer, vae = _module(6), _module(1)
+    p = memory.Placement("model_offload", CUDA, pin_budget_bytes=4 * 1024 ** 2)
+    p.setup(transformer, [vae])
+    assert pinned == [vae.weight.numel()]          # the 6 MiB transformer stays pageable
+    unbounded = memory.Placement("model_offload", CUDA)
+    pinned.clear()
+    unbounded.setup(transformer, [vae])
+    assert sorted(pinned) == sorted([vae.weight.numel(), transformer.weight.numel()])
