@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 
 from .. import api
-from . import batch, manifest, model_paths
+from . import batch, manifest, model_paths, ray_runner
 from ..engine import EngineOptions, TokenizerNotFoundError, USOError
 from ..engine.memory import MEMORY_MODES, PRECISIONS
 
@@ -105,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                      help="progress bars (auto: on a terminal)")
     run.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
+
+    ray = p.add_argument_group("cluster (Ray: pip install \"ray>=2.9\"; the pack and the model files at the same "
+                               "paths on every node)")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="spread the jobs over a Ray cluster, one worker per GPU: --ray alone starts a local "
+                          "cluster, --ray auto joins the one this node belongs to, or give the head's "
+                          "host:port / ray://host:10001")
+    ray.add_argument("--ray-workers", type=int, metavar="N",
+                     help="at most N workers (default: one per GPU; without GPUs 1 CPU worker)")
+    ray.add_argument("--ray-shared-out", action="store_true",
+                     help="--out is a shared folder every node sees at the same path: workers write the images "
+                          "there instead of sending them back")
     run.add_argument("--verbose", "-v", action="store_true", help="library warnings and tracebacks")
     return p
 
@@ -129,6 +142,12 @@ def _check_flags(args) -> list[str]:
         problems.append("--output names the single job's file; a manifest row sets its own 'output'")
     if args.timeout < 10 or args.timeout > 3600:
         problems.append(f"--timeout {args.timeout} is outside 10..3600")
+    if args.ray and args.provider:
+        problems.append("--ray runs local models on the cluster; with --provider the jobs already run remotely")
+    if not args.ray and (args.ray_workers is not None or args.ray_shared_out):
+        problems.append("--ray-workers and --ray-shared-out go with --ray")
+    if args.ray_workers is not None and args.ray_workers < 1:
+        problems.append(f"--ray-workers {args.ray_workers}: give 1 or more")
     return problems
 
 
@@ -280,7 +299,9 @@ def _run(args, kind: str) -> int:
                 _err(f"  {note}")
         elif kind not in manifest.LOCAL_KINDS:
             _check_remote_key(kind)
-    except (model_paths.ModelPathError, SetupError) as exc:
+        if args.ray:
+            ray_runner.import_ray()
+    except (model_paths.ModelPathError, SetupError, ray_runner.RaySetupError) as exc:
         for line in str(exc).splitlines():
             _err(f"error: {line}")
         return EXIT_USAGE
@@ -304,11 +325,17 @@ def _run(args, kind: str) -> int:
     progress = batch.Progress(len(jobs), {"auto": None, "on": True, "off": False}[args.progress])
     started = time.monotonic()
     try:
-        with interrupts:
-            outcomes = batch.run_jobs(jobs, get_backend, out_dir, kind, overwrite=args.overwrite,
-                                      numbered=numbered, progress=progress,
-                                      on_cancel_check=lambda: interrupts.requested, tracebacks=args.verbose)
-    except SetupError as exc:
+        if args.ray:   # Ctrl-C raises KeyboardInterrupt in the driver, which stops the workers
+            outcomes = ray_runner.run_on_ray(
+                jobs, functools.partial(_make_backend, args, kind, resolved), out_dir, kind, address=args.ray,
+                workers=args.ray_workers, overwrite=args.overwrite, numbered=numbered, progress=progress,
+                tracebacks=args.verbose, verbose=args.verbose, write_on_workers=args.ray_shared_out)
+        else:
+            with interrupts:
+                outcomes = batch.run_jobs(jobs, get_backend, out_dir, kind, overwrite=args.overwrite,
+                                          numbered=numbered, progress=progress,
+                                          on_cancel_check=lambda: interrupts.requested, tracebacks=args.verbose)
+    except (SetupError, ray_runner.RaySetupError) as exc:
         progress.close()
         _err(f"error: {exc}")
         _err("The models could not be loaded; nothing was generated.")
