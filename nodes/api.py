@@ -202,6 +202,44 @@ def load(*, tiny: bool = False, comfy_models: str | Sequence[str] | None = None,
     return USO(pipe, "local", model_names(resolved.files))
 
 
+def run_manifest(manifest: str | os.PathLike, out: str | os.PathLike = "out", *, tiny: bool = False,
+                 ray: str | None = None, ray_workers: int | None = None, ray_shared_out: bool = False,
+                 overwrite: bool = False, progress: bool = False, precision: str = "auto", memory: str = "auto",
+                 device: str | None = None, **model_files) -> list[dict]:
+    """Every job of a JSON Lines / CSV manifest, as ``python -m nodes.cli --manifest`` runs it:
+    every row checked first (nodes.cli.manifest.ManifestError lists the problems), the same
+    output names inside `out`, PNGs with their parameters, finished jobs skipped unless
+    `overwrite`, a failed job recorded and the others run. One dict per job (status, outputs,
+    error, seconds, parameters).
+
+    ``ray``: run on a Ray cluster instead of this process: "local" starts one for the run,
+    "auto" or an address joins one (or the one this process has already `ray.init`-ed); one
+    worker per GPU, at most `ray_workers` (without GPUs, `ray_workers` CPU workers, default 1).
+    `model_files` are `load`'s: comfy_models, diffusers, transformer, ..."""
+    import functools
+
+    from .cli import batch, ray_runner
+    from .cli.command import jobs_for
+
+    kind = "tiny" if tiny else "local"
+    jobs = jobs_for({}, os.fspath(manifest), kind)
+    if not tiny:
+        resolve_files(**model_files)          # a missing file is reported before anything runs
+    make_backend = functools.partial(load, tiny=tiny, precision=precision, memory=memory, device=device,
+                                     **model_files)
+    out_dir = os.path.abspath(os.fspath(out))
+    bars = batch.Progress(len(jobs), enabled=progress)
+    try:
+        if ray is None:
+            outcomes = batch.run_jobs(jobs, make_backend, out_dir, kind, overwrite=overwrite, progress=bars)
+        else:
+            outcomes = ray_runner.run_on_ray(jobs, make_backend, out_dir, kind, address=ray, workers=ray_workers,
+                                             overwrite=overwrite, progress=bars, write_on_workers=ray_shared_out)
+    finally:
+        bars.close()
+    return [o.as_dict() for o in outcomes]
+
+
 def resolve_files(**kwargs) -> model_paths.ResolvedModels:
     """The files `load` would use (raises model_paths.ModelPathError naming each missing slot)."""
     def as_list(v):

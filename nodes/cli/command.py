@@ -162,15 +162,20 @@ def defaults_for(kind: str) -> dict:
 
 def plan_jobs(args, kind: str) -> list[manifest.Job]:
     """The checked jobs; manifest.ManifestError lists every problem."""
-    given = {f: getattr(args, f) for f in JOB_FLAGS}
+    return jobs_for({f: getattr(args, f) for f in JOB_FLAGS}, args.manifest, kind)
+
+
+def jobs_for(given: dict, manifest_path: str | None, kind: str) -> list[manifest.Job]:
+    """The manifest's jobs with `given` (values not None) as every row's defaults, or the one job
+    `given` describes; manifest.ManifestError lists every problem. Shared with `api.run_manifest`."""
     defaults = defaults_for(kind)
-    if not args.manifest:
+    if not manifest_path:
         return [manifest.job_from_values(given, kind, defaults)]
     checked, problems = manifest.check_fields({k: v for k, v in given.items() if v is not None}, kind, os.getcwd(),
                                            defaults)
     if problems:
         raise manifest.ManifestError([f"command line: {p}" for p in problems])
-    return manifest.jobs_from_manifest(args.manifest, kind, checked)
+    return manifest.jobs_from_manifest(manifest_path, kind, checked)
 
 
 class _Interrupts:
