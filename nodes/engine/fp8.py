@@ -17,6 +17,46 @@ FP8_SKIP_PATTERNS = (r"pos_embed", r"norm_q$", r"norm_k$", r"norm_added_q$", r"n
                      r"^proj_out$", r"^x_embedder$", r"^context_embedder$", r"time_text_embed")
 
 
+def _scaled_fp8_casting_hook(compute: torch.dtype):
+    """Layerwise casting for a Linear whose fp8 weight comes with a per-tensor scale (ComfyUI's
+    scaled fp8 files): the weight stays as the file stored it; `weight_scale` (an fp32 scalar
+    buffer, so it moves with the module under every memory mode) multiplies it in when the layer
+    runs, and the stored fp8 tensor is put back afterwards."""
+    from diffusers.hooks import ModelHook
+
+    class ScaledFP8CastingHook(ModelHook):
+        _is_stateful = False
+
+        def __init__(self):
+            super().__init__()
+            self.compute_dtype = compute
+            self.stored: torch.Tensor | None = None
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.stored = module.weight.data
+            module.weight.data = (self.stored.to(torch.float32) * module.weight_scale).to(self.compute_dtype)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            module.weight.data, self.stored = self.stored, None
+            return output
+
+    return ScaledFP8CastingHook()
+
+
+def keep_scaled_fp8(linear: nn.Linear, scale: torch.Tensor, compute: torch.dtype) -> None:
+    """Store `linear`'s fp8 weight with its per-tensor `scale` and upcast it (times the scale) to
+    `compute` per call. Registered under diffusers' layerwise-casting name, so that
+    `enable_fp8_storage` leaves the layer as it is."""
+    from diffusers.hooks import HookRegistry
+
+    linear.register_buffer("weight_scale", scale.to(torch.float32).reshape(()))
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data.to(compute)
+    HookRegistry.check_if_exists_or_initialize(linear).register_hook(
+        _scaled_fp8_casting_hook(compute), "layerwise_casting")
+
+
 def fp8_storable(module_name: str) -> bool:
     return not any(re.search(p, module_name) for p in FP8_SKIP_PATTERNS)
 

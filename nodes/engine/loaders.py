@@ -15,8 +15,8 @@ from . import architecture, convert, detect
 from .errors import ModelFileError
 from .gguf_files import is_quantized
 from .projector import StyleProjector
-from .fp8 import FP8_DTYPES, fp8_storable
-from .scaled_fp8 import dequantized
+from .fp8 import FP8_DTYPES, fp8_storable, keep_scaled_fp8
+from .scaled_fp8 import DequantizedSource, dequantized
 from .weight_files import WeightSource, open_weights
 
 @dataclass
@@ -149,17 +149,61 @@ def load_transformer(path: str, compute_dtype: torch.dtype, fp8_storage: bool = 
             return tensor.dtype if tensor.dtype in FP8_DTYPES else torch.float8_e4m3fn
         return compute_dtype
 
+    # Scaled fp8 with fp8 storage: the fp8-storable Linears keep the file's fp8 weight and its
+    # scale (`fp8.keep_scaled_fp8`); dequantizing and casting back to fp8 would round twice.
+    scaled = _ScaledFP8Weights(source) if fp8_storage and isinstance(source, DequantizedSource) else None
+    reader = scaled if scaled is not None else source
     unknown: list[str] = []
     if layout == "bfl":
-        items = convert.converted_items(source, lambda k: convert.flux_bfl_to_diffusers(k, hidden),
-                                        unknown.append)
+        def plan(key):
+            targets = convert.flux_bfl_to_diffusers(key, hidden)
+            if scaled is not None and targets:
+                scaled.rename(key, [new for new, _ in targets])
+            return targets
+        items = convert.converted_items(reader, plan, unknown.append)
     else:
-        items = ((k, source.get(k)) for k in source.keys())
-    state = {k: _cast(t, target_dtype(k, t)) for k, t in items}
+        if scaled is not None:
+            for key in source.keys():
+                scaled.rename(key, [key])
+        items = ((k, reader.get(k)) for k in source.keys())
+    state = {}
+    for key, tensor in items:
+        if scaled is not None and key in scaled.scales and key not in linear_weights:
+            tensor = tensor.to(torch.float32) * scaled.scales.pop(key)   # kept in 16 bits: dequantize
+        state[key] = _cast(tensor, target_dtype(key, tensor))
     source.close()
     if any(is_quantized(t) for t in state.values()):
         _use_gguf_linears(model, state, compute_dtype)
-    return _materialize(model, state, "transformer", component.name), cfg
+    model = _materialize(model, state, "transformer", component.name)
+    if scaled is not None:
+        for key, scale in scaled.scales.items():
+            keep_scaled_fp8(model.get_submodule(key[: -len(".weight")]), scale, compute_dtype)
+    return model, cfg
+
+
+class _ScaledFP8Weights:
+    """A scaled-fp8 source read for fp8 storage: weights with a per-tensor scale come out as the
+    file stores them, and `scales` maps each (converted) model key to its scale."""
+
+    def __init__(self, source: DequantizedSource):
+        self._source = source
+        self._targets: dict[str, list[str]] = {}
+        self.scales: dict[str, torch.Tensor] = {}
+
+    def keys(self):
+        return self._source.keys()
+
+    def rename(self, key: str, model_keys: list[str]) -> None:
+        self._targets[key] = model_keys
+
+    def get(self, key: str) -> torch.Tensor:
+        raw = self._source.get_scaled(key)
+        if raw is None:
+            return self._source.get(key)
+        tensor, scale = raw
+        for model_key in self._targets.get(key, [key]):
+            self.scales[model_key] = scale
+        return tensor
 
 
 def _use_gguf_linears(model: nn.Module, state: dict, compute_dtype: torch.dtype) -> None:

@@ -59,6 +59,19 @@ class DequantizedSource(WeightSource):
                 f"{', '.join(sorted(map(str, unsupported)))} is not supported. Use a bf16, fp8 "
                 "(scaled or not) or GGUF version of this model.")
 
+    def get_scaled(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the fp8 weight as stored, its fp32 scalar scale) for a weight with one per-tensor scale
+        (what ComfyUI writes); None for any other key. Keeping both loses nothing, where casting the
+        dequantized weight back to fp8 rounds it again, and on the wrong grid."""
+        scale_key = self._scale_of.get(key)
+        if scale_key is None:
+            return None
+        scale = self._base.get(scale_key)
+        tensor = self._base.get(key)
+        if scale.numel() != 1 or tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return None
+        return tensor, scale.to(torch.float32).reshape(())
+
     def get(self, key: str) -> torch.Tensor:
         tensor = self._base.get(key)
         scale_key = self._scale_of.get(key)

@@ -70,6 +70,38 @@ def test_scaled_fp8_is_dequantized_not_loaded_naively(tiny_models):
     assert (got - truth).abs().max() <= truth.abs().max() * FP8_REL
 
 
+@pytest.mark.parametrize("key", ["flux_fp8_scaled", "flux_fp8_comfyquant"])
+def test_scaled_fp8_with_fp8_storage_keeps_the_file_weights_and_their_scale(tiny_models, key):
+    from safetensors.torch import load_file
+
+    path = str(tiny_models.paths[key])
+    stored = load_file(path)
+    exact, _ = loaders.load_transformer(path, torch.float32)          # fp8 x scale, no rounding
+    model, _ = loaders.load_transformer(path, torch.bfloat16, fp8_storage=True)
+    layer = model.get_submodule("transformer_blocks.0.attn.to_out.0")
+    # The fp8 bytes of the file, not a second rounding of the dequantized weight.
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.weight.view(torch.uint8), stored["double_blocks.0.img_attn.proj.weight"].view(torch.uint8))
+    # Split tensors (BFL qkv -> to_q/k/v) keep their scale too.
+    assert torch.equal(model.get_submodule("transformer_blocks.0.attn.to_k").weight_scale,
+                       stored[next(k for k in stored if k.startswith("double_blocks.0.img_attn.qkv.") and "scale" in k)]
+                       .float().reshape(()))
+    # Run through the casting hook: the weight used is the file's fp8 x scale, in bf16.
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    exact_layer = exact.get_submodule("transformer_blocks.0.attn.to_out.0")
+    expected = torch.nn.functional.linear(x, exact_layer.weight.to(torch.bfloat16), exact_layer.bias.to(torch.bfloat16))
+    assert torch.equal(layer(x), expected)
+    assert layer.weight.dtype == torch.float8_e4m3fn                  # put back after the call
+    # Every fp8 Linear, as it runs, is the exactly dequantized file to bf16 rounding (2^-8).
+    exact_weights = exact.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float8_e4m3fn:
+            scale = getattr(m, "weight_scale", torch.tensor(1.0))
+            used = (m.weight.float() * scale).to(torch.bfloat16).float()
+            truth = exact_weights[name + ".weight"]
+            assert ((used - truth).abs() <= truth.abs() * 2.0 ** -8).all(), name
+
+
 def test_fp8_storage_keeps_fp8_files_as_they_are(tiny_models):
     model, _ = loaders.load_transformer(str(tiny_models.paths["flux_fp8"]), torch.bfloat16, fp8_storage=True)
     sd = model.state_dict()
