@@ -97,9 +97,13 @@ def build_random_models(size: str = "tiny", dtype: torch.dtype = torch.float32, 
     # Word-level tokenizers: ids 0..2 are the special tokens.
     clip_cfg.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
-    def build(factory):
+    def build(factory, build_dtype=torch.float32):
+        # Cast on the meta device, then allocate: memory is taken once, in the target dtype (a
+        # full-size set built in fp32 and cast afterwards needs ~70 GB of RAM for ~24 GB of bf16).
+        # Each weight is still drawn in fp32 and rounded on copy, so the values do not depend on
+        # how the set was built.
         with torch.device("meta"):
-            module = factory()
+            module = factory().to(build_dtype)
         module = module.to_empty(device="cpu")
         _init_(module, gen)
         for name, buf in module.named_buffers():
@@ -107,7 +111,7 @@ def build_random_models(size: str = "tiny", dtype: torch.dtype = torch.float32, 
                 buf.copy_(torch.arange(buf.shape[-1]).expand(buf.shape))
         return module.to(device=device).eval().requires_grad_(False)
 
-    transformer = build(lambda: FluxTransformer2DModel(**flux_cfg)).to(dtype)
+    transformer = build(lambda: FluxTransformer2DModel(**flux_cfg), dtype)
     full_siglip_layers = siglip_cfg["num_hidden_layers"]
     siglip = build(lambda: SiglipVisionModel(SiglipVisionConfig(
         **{**siglip_cfg, "num_hidden_layers": full_siglip_layers - 1, "vision_use_head": False})))
@@ -115,10 +119,10 @@ def build_random_models(size: str = "tiny", dtype: torch.dtype = torch.float32, 
     owner.post_layernorm = nn.Identity()
     hidden = flux_cfg["num_attention_heads"] * flux_cfg["attention_head_dim"]
     grid = (siglip_cfg["image_size"] // siglip_cfg["patch_size"]) ** 2
-    projector = build(lambda: StyleProjector(grid, spec["style_tokens"], siglip_cfg["hidden_size"], hidden)).to(dtype)
+    projector = build(lambda: StyleProjector(grid, spec["style_tokens"], siglip_cfg["hidden_size"], hidden), dtype)
     text_dtype = torch.float32 if dtype == torch.float16 else dtype
-    t5 = build(lambda: T5EncoderModel(T5Config(**t5_cfg))).to(text_dtype)
-    clip = build(lambda: CLIPTextModel(CLIPTextConfig(**clip_cfg))).to(text_dtype)
+    t5 = build(lambda: T5EncoderModel(T5Config(**t5_cfg)), text_dtype)
+    clip = build(lambda: CLIPTextModel(CLIPTextConfig(**clip_cfg)), text_dtype)
     vae = build(lambda: AutoencoderKL(**vae_cfg))
     return LoadedModels(
         transformer=transformer, transformer_config=flux_cfg, vae=vae, t5=t5, clip=clip,
