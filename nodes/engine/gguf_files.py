@@ -37,6 +37,26 @@ class GGUFSource(WeightSource):
         return GGUFParameter(data, quant_type=t.tensor_type)
 
 
+def _refuse_unsupported_quant_types(name: str, reader) -> None:
+    """diffusers dequantizes only some GGUF types; any other would fail at the first step that
+    reaches its layer, so a file holding one is refused here, before anything is loaded."""
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    runnable = {t.name for t in SUPPORTED_GGUF_QUANT_TYPES} | set(_PLAIN_TYPES)
+    found: dict[str, str] = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in runnable:
+            found.setdefault(kind, t.name)
+    if found:
+        listed = ", ".join(f"{kind} (e.g. {tensor})" for kind, tensor in sorted(found.items()))
+        supported = ", ".join(sorted(runnable - set(_PLAIN_TYPES))) + ", F16, F32"
+        raise ModelFileError(
+            f"{name}: holds GGUF quantisation type(s) that diffusers cannot run: {listed}. "
+            f"Supported: {supported}. Pick a GGUF file in one of those (Q8_0, Q5_K or Q4_K "
+            "are common for FLUX.1-dev), or a .safetensors transformer.")
+
+
 def _string_fields(reader) -> dict[str, str]:
     out = {}
     for name, fld in reader.fields.items():
@@ -63,6 +83,7 @@ def open_gguf(path: str) -> WeightSource:
     except Exception as exc:
         raise ModelFileError(f"{name}: cannot be read as GGUF ({exc}). The file may be truncated; "
                              "download it again.") from exc
+    _refuse_unsupported_quant_types(name, reader)
     source = GGUFSource(path, reader)
     if "config" in source.metadata:
         try:

@@ -2,6 +2,7 @@
 a wrong file for a slot fails with a message naming the file and what was expected."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -68,6 +69,38 @@ def test_scaled_fp8_is_dequantized_not_loaded_naively(tiny_models):
     model, _ = loaders.load_transformer(str(tiny_models.paths["flux_fp8_scaled"]), torch.float32)
     got = model.state_dict()["transformer_blocks.0.attn.to_out.0.weight"]
     assert (got - truth).abs().max() <= truth.abs().max() * FP8_REL
+
+
+def test_gguf_quant_types_diffusers_cannot_run_are_refused_at_load(tiny_models, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from safetensors.torch import load_file
+
+    bfl = load_file(str(tiny_models.paths["flux_bfl"]))
+    path = tmp_path / "flux1-dev-Q8_1.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    writer.add_string("comfyui_uso.config", json.dumps(tiny_models.flux_config))
+    for key in sorted(bfl):
+        a = bfl[key].float().numpy()
+        if key == "double_blocks.0.img_attn.proj.weight":
+            # Q8_1 blocks (32 values in 40 bytes): a real GGML type that diffusers has no kernel for.
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
+            raw = np.zeros((a.shape[0], a.shape[1] // block * size), dtype=np.uint8)
+            writer.add_tensor(key, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+        elif a.ndim == 2 and a.shape[-1] % 32 == 0:
+            writer.add_tensor(key, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, a.astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFileError) as err:
+        loaders.load_transformer(str(path), torch.bfloat16)
+    message = str(err.value)
+    assert "flux1-dev-Q8_1.gguf" in message and "Q8_1 (e.g. double_blocks.0.img_attn.proj.weight)" in message
+    assert "Supported:" in message and "Q8_0" in message and "Q4_K" in message
 
 
 @pytest.mark.parametrize("key", ["flux_fp8_scaled", "flux_fp8_comfyquant"])
