@@ -47,6 +47,12 @@ def initial_noise(seed: int, width: int, height: int, device) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.bfloat16, device=device, generator=generator)
 
 
+def noised_latent(x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """Image to image: the scaled latent x0 moved to timestep t along the flow,
+    x_t = (1 - t) x0 + t noise (FLUX's rectified flow; diffusers' `scale_noise`), in float32."""
+    return (1.0 - t) * x0.float() + t * noise.float()
+
+
 @torch.inference_mode()
 def denoise(transformer, noise: torch.Tensor, t5_embeds: torch.Tensor, pooled: torch.Tensor,
             style_tokens: torch.Tensor | None, subjects: list[SubjectTokens],

@@ -29,3 +29,10 @@ def timesteps(steps: int, width: int, height: int, shift: str = "reference") -> 
     t = torch.linspace(1, 0, steps + 1)
     shifted = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
     return shifted.tolist()
+
+
+def first_step(steps: int, denoise: float) -> int:
+    """Image to image: how many of the `steps` steps are skipped, so that about denoise x steps
+    run from the latent noised to that step's timestep. diffusers' FluxImg2ImgPipeline formula
+    (`strength`): int(steps - min(steps * denoise, steps)); 0 at denoise 1.0."""
+    return int(max(steps - min(steps * denoise, steps), 0))

@@ -210,6 +210,10 @@ class TinyModels:
     lora_config: Dict[str, Any]
     build_seconds: float = 0.0
     skipped: Dict[str, str] = field(default_factory=dict)
+    #: The user LoRAs (``paths["user_lora_<format>"]``), per format: {"space": "bfl" | "diffusers",
+    #: "parts": {module: (down, up, scale)}} -- what a hand merge adds, W[module] += scale * up @ down
+    #: (BFL module names for kohya / comfyui / xlabs, diffusers names for diffusers).
+    user_loras: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # the default one would print every tensor
         return (f"TinyModels(root={str(self.root)!r}, files={len(self.paths)}, "
@@ -432,6 +436,121 @@ def _lora_shapes(n_double: int, n_single: int, hidden: int, mlp_hidden: int, ran
         shapes[f"{p}.proj_lora.down.weight"] = (rank, hidden + mlp_hidden)
         shapes[f"{p}.proj_lora.up.weight"] = (hidden, rank)
     return shapes
+
+
+USER_LORA_RANK = 4
+#: File names of the tiny user LoRAs in models/loras (the LoRA workflow names the kohya one).
+USER_LORA_FILES = {"kohya": "my_flux_lora_kohya.safetensors", "comfyui": "my_flux_lora_comfyui.safetensors",
+                   "xlabs": "my_flux_lora_xlabs.safetensors", "diffusers": "my_flux_lora_diffusers.safetensors",
+                   "second": "my_second_flux_lora.safetensors"}
+
+
+def _user_lora_modules(cfg: Mapping[str, Any]) -> Dict[str, tuple]:
+    """BFL Linear name -> (in, out) for the modules user LoRAs train (blocks, embedders, final layer)."""
+    h = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    mods = {"img_in": (cfg["in_channels"], h), "txt_in": (cfg["joint_attention_dim"], h),
+            "final_layer.adaLN_modulation.1": (h, 2 * h)}
+    for i in range(cfg["num_layers"]):
+        for s in ("img", "txt"):
+            mods.update({f"double_blocks.{i}.{s}_attn.qkv": (h, 3 * h), f"double_blocks.{i}.{s}_attn.proj": (h, h),
+                         f"double_blocks.{i}.{s}_mlp.0": (h, 4 * h), f"double_blocks.{i}.{s}_mlp.2": (4 * h, h),
+                         f"double_blocks.{i}.{s}_mod.lin": (h, 6 * h)})
+    for i in range(cfg["num_single_layers"]):
+        mods.update({f"single_blocks.{i}.linear1": (h, 3 * h + 4 * h), f"single_blocks.{i}.linear2": (5 * h, h),
+                     f"single_blocks.{i}.modulation.lin": (h, 3 * h)})
+    return mods
+
+
+def _diffusers_user_modules(cfg: Mapping[str, Any]) -> Dict[str, tuple]:
+    h = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    mods = {"x_embedder": (cfg["in_channels"], h), "proj_out": (h, cfg["in_channels"])}
+    for i in range(cfg["num_layers"]):
+        for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            mods[f"transformer_blocks.{i}.attn.{n}"] = (h, h)
+        mods[f"transformer_blocks.{i}.attn.to_out.0"] = (h, h)
+        mods[f"transformer_blocks.{i}.ff.net.2"] = (4 * h, h)
+    for i in range(cfg["num_single_layers"]):
+        mods.update({f"single_transformer_blocks.{i}.attn.to_q": (h, h),
+                     f"single_transformer_blocks.{i}.proj_mlp": (h, 4 * h),
+                     f"single_transformer_blocks.{i}.proj_out": (5 * h, h)})
+    return mods
+
+
+def _write_user_loras(loras: Path, cfg: Mapping[str, Any], p: Dict[str, Path]) -> Dict[str, Dict[str, Any]]:
+    """Tiny FLUX LoRAs in the layouts users have, written with the real key names, and the
+    (down, up, scale) each adds to which module: what a hand merge needs.
+
+    kohya (sd-scripts): ``lora_unet_<bfl name, '.' -> '_'>.lora_down/lora_up.weight`` + ``.alpha``,
+    and ``lora_te1_*`` text-encoder parts; ComfyUI: ``diffusion_model.<bfl name>.lora_down/
+    lora_up.weight`` (what ComfyUI's LoRA saving writes) with ``.alpha`` on some; xlabs:
+    ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`` (no alpha); diffusers /
+    PEFT: ``transformer.<diffusers name>.lora_A/lora_B.weight``, the alpha in the
+    ``lora_adapter_metadata`` diffusers writes, plus ``text_encoder.*`` parts.
+    """
+    r = USER_LORA_RANK
+    out: Dict[str, Dict[str, Any]] = {}
+
+    def pair(g, n_in, n_out, magnitude=0.2):
+        return (_snap(torch.randn(r, n_in, generator=g) * magnitude), _snap(torch.randn(n_out, r, generator=g) * magnitude))
+
+    def save(name, sd, metadata=None):
+        path = loras / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata or {"format": "pt"})
+        return path
+
+    bfl_mods = _user_lora_modules(cfg)
+    for fmt, prefix, down_key, up_key in (("kohya", "lora_unet_", ".lora_down.weight", ".lora_up.weight"),
+                                          ("comfyui", "diffusion_model.", ".lora_down.weight", ".lora_up.weight"),
+                                          ("second", "lora_unet_", ".lora_down.weight", ".lora_up.weight")):
+        g = _gen(f"user_lora_{fmt}")
+        sd, parts = {}, {}
+        for j, (mod, (n_in, n_out)) in enumerate(sorted(bfl_mods.items())):
+            down, up = pair(g, n_in, n_out)
+            name = prefix + (mod.replace(".", "_") if prefix == "lora_unet_" else mod)
+            sd[name + down_key], sd[name + up_key] = down.to(torch.bfloat16), up.to(torch.bfloat16)
+            scale = 1.0
+            if fmt != "comfyui" or j % 3 == 0:  # kohya always stores alpha; ComfyUI files sometimes
+                alpha = float(r // 2 + j % 3)
+                sd[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
+                scale = alpha / r
+            parts[mod] = (down, up, scale)
+        if fmt == "kohya":  # its text-encoder half (CLIP-L), which USO leaves out
+            down, up = pair(g, TINY_CLIP_DIMS["hidden_size"], TINY_CLIP_DIMS["hidden_size"])
+            te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+            sd[te + ".lora_down.weight"], sd[te + ".lora_up.weight"] = down, up
+            sd[te + ".alpha"] = torch.tensor(float(r))
+        p[f"user_lora_{fmt}"] = save(USER_LORA_FILES[fmt], sd)
+        out[fmt] = {"space": "bfl", "parts": parts}
+
+    g = _gen("user_lora_xlabs")
+    h = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    sd, parts = {}, {}
+    for i in range(cfg["num_layers"]):
+        for n, stream in (("1", "img"), ("2", "txt")):
+            for op, n_out, target in (("qkv", 3 * h, f"{stream}_attn.qkv"), ("proj", h, f"{stream}_attn.proj")):
+                down, up = pair(g, h, n_out)
+                key = f"double_blocks.{i}.processor.{op}_lora{n}"
+                sd[f"{key}.down.weight"], sd[f"{key}.up.weight"] = down.to(torch.bfloat16), up.to(torch.bfloat16)
+                parts[f"double_blocks.{i}.{target}"] = (down, up, 1.0)
+    p["user_lora_xlabs"] = save(USER_LORA_FILES["xlabs"], sd)
+    out["xlabs"] = {"space": "bfl", "parts": parts}
+
+    g = _gen("user_lora_diffusers")
+    sd, parts = {}, {}
+    alpha = 2 * r
+    for mod, (n_in, n_out) in sorted(_diffusers_user_modules(cfg).items()):
+        down, up = pair(g, n_in, n_out)
+        sd[f"transformer.{mod}.lora_A.weight"], sd[f"transformer.{mod}.lora_B.weight"] = down, up
+        parts[mod] = (down, up, alpha / r)
+    down, up = pair(g, TINY_CLIP_DIMS["hidden_size"], TINY_CLIP_DIMS["hidden_size"])
+    sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = down
+    sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = up
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"transformer.r": r, "transformer.lora_alpha": alpha,
+                                                              "transformer.target_modules": sorted(parts)})}
+    p["user_lora_diffusers"] = save(USER_LORA_FILES["diffusers"], sd, meta)
+    out["diffusers"] = {"space": "diffusers", "parts": parts}
+    return out
 
 
 def _projector_shapes(cfg: Mapping[str, int]):
@@ -913,6 +1032,8 @@ def _build(root: Path, models: Path) -> TinyModels:
     p["projector_original"] = _save(_cast(projector_state, torch.bfloat16),
                                     models / "model_patches" / "uso_flux_v1.0" / "projector.safetensors", projector_config)
 
+    user_loras = _write_user_loras(models / "loras", TINY_FLUX, p)
+
     # ---- diffusers/FLUX.1-dev/ (last: it converts the flux module to bf16 in place)
     p["diffusers_dir"] = models / "diffusers" / "FLUX.1-dev"
     _write_diffusers_dir(p["diffusers_dir"], flux, vae, clip_cfg, clip_state, t5_cfg, t5_state, tok_clip, tok_t5)
@@ -925,7 +1046,7 @@ def _build(root: Path, models: Path) -> TinyModels:
         projector_state=projector_state, lora_state=lora_state,
         flux_config=flux_config, vae_config=vae_config, t5_config=t5_config, clip_config=clip_config,
         siglip_config=siglip_config, projector_config=projector_config, lora_config=lora_config,
-        skipped=skipped,
+        skipped=skipped, user_loras=user_loras,
     )
 
 
