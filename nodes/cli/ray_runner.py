@@ -238,7 +238,8 @@ def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str
         progress.line(f"Ray: starting {count} worker{'s' if count != 1 else ''} "
                       f"({', '.join(f'{k}={v}' for k, v in options.items())} each) for {len(todo)} job"
                       f"{'s' if len(todo) != 1 else ''}")
-        while inflight:
+        while inflight and (len(queue) or any(entry[0] == "run" for entry in inflight.values())):
+            # (a worker still loading when the last job is done is not waited for)
             ready, _ = ray.wait(list(inflight), num_returns=1)
             entry = inflight.pop(ready[0])
             w = entry[1]
