@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bars (auto: on a terminal)")
     run.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
 
-    ray = p.add_argument_group("cluster (Ray: pip install \"ray>=2.9\"; the pack and the model files at the same "
+    ray = p.add_argument_group("cluster (Ray: pip install \"ray>=2.60\"; the pack and the model files at the same "
                                "paths on every node)")
     ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="spread the jobs over a Ray cluster, one worker per GPU: --ray alone starts a local "

@@ -263,5 +263,5 @@ def test_ray_flag_without_ray_installed_says_how_to_install(tmp_path, monkeypatc
     code = cli.main(["--tiny", "--prompt", "a cat", "--out", str(tmp_path / "out"), "--ray"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "--ray needs Ray, which is not installed" in err and 'pip install "ray>=2.9"' in err
+    assert "--ray needs Ray, which is not installed" in err and 'pip install "ray>=2.60"' in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
