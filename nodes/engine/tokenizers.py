@@ -51,6 +51,8 @@ def load_tokenizer(kind: str, roots: list[str]):
             continue
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        if kind == "t5":
+            _legacy_t5_prefix(tok)
         tok.model_max_length = _MAX_LENGTH[kind]
         return tok
     name = "CLIP-L" if kind == "clip_l" else "T5"
@@ -61,6 +63,37 @@ def load_tokenizer(kind: str, roots: list[str]):
         f"{name} tokenizer not found: needs {needed} with tokenizer_config.json. Looked in: {looked}. "
         f"Get the files from {_WHERE}, put them in a folder and name it as the tokenizer folder "
         "(or set USO_TOKENIZER_DIR).")
+
+
+def _legacy_t5_prefix(tok) -> None:
+    """Tokenize T5 prompts as the reference's slow, legacy T5Tokenizer does: every piece of text
+    between special tokens gets sentencepiece's "▁" prefix. ComfyUI's (and FLUX.1-dev's) fast
+    tokenizer.json says `legacy: false`, i.e. Metaspace `prepend_scheme: "first"`: text right after
+    a special token's text ("</s>word", "<extra_id_0>.") loses the "▁" and gets other ids. Newer
+    transformers rebuild the pre-tokenizer with "always"; older ones take the file as it is."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return  # a sentencepiece (slow) tokenizer: legacy unless told otherwise
+
+    def always(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                node["prepend_scheme"] = "always"
+            for value in node.values():
+                always(value)
+        elif isinstance(node, list):
+            for value in node:
+                always(value)
+
+    state = json.loads(backend.to_str())
+    before = json.dumps(state["pre_tokenizer"])
+    always(state["pre_tokenizer"])
+    if json.dumps(state["pre_tokenizer"]) != before:
+        backend.pre_tokenizer = Tokenizer.from_str(json.dumps(state)).pre_tokenizer
 
 
 def tokenizer_roots(explicit: str | None, diffusers_dir: str | None, comfy_dirs: dict[str, str],
