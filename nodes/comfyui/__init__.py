@@ -3,10 +3,11 @@ from .bridge import log
 from .encode_nodes import NODE_CLASSES as _encode_nodes
 from .generate_node import NODE_CLASSES as _generate_nodes
 from .load_node import NODE_CLASSES as _load_nodes
+from .lora_node import NODE_CLASSES as _lora_nodes
 from .remote_node import NODE_CLASSES as _remote_nodes
 
 # One import per node module; each module lists its classes in NODE_CLASSES.
-_NODE_CLASSES: list[type] = [*_load_nodes, *_encode_nodes, *_generate_nodes, *_remote_nodes]
+_NODE_CLASSES: list[type] = [*_load_nodes, *_lora_nodes, *_encode_nodes, *_generate_nodes, *_remote_nodes]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -115,4 +115,43 @@ class USOEncodeSubject:
         return (encoding,)
 
 
-NODE_CLASSES = [USOEncodeStyle, USOEncodeSubject]
+class USOStyleFromClipVision:
+    NODE_ID = "USOStyleFromClipVision"
+    DISPLAY_NAME = "USO Style From CLIP Vision"
+    CATEGORY = "USO"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("USO_STYLE",)
+    RETURN_NAMES = ("style",)
+    OUTPUT_TOOLTIPS = ("Style tokens for USO Generate's style input.",)
+    DESCRIPTION = ("Turns the output of ComfyUI's CLIP Vision Encode with SigLIP so400m 384 "
+                   "(sigclip_vision_patch14_384) into USO style tokens: the USO projector reads the same SigLIP "
+                   "layers (-20, -11, -2) it reads from USO Encode Style. Each image of the batch is one style.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "uso_model": ("USO_MODEL", {"tooltip": "From USO Load Models (its projector is used)."}),
+                "clip_vision_output": ("CLIP_VISION_OUTPUT", {
+                    "tooltip": "From CLIP Vision Encode with a SigLIP 384 model (crop 'center' or 'none')."}),
+            },
+            "optional": {
+                "previous": ("USO_STYLE", {"tooltip": "Styles to add these to (chaining)."}),
+            },
+        }
+
+    def encode(self, uso_model, clip_vision_output, previous=None):
+        pipeline = require_model(uso_model)
+        try:
+            hidden = clip_vision_output["all_hidden_states"]
+        except (KeyError, TypeError, IndexError, AttributeError):  # ComfyUI's Output: attribute access
+            hidden = None
+        if hidden is None:
+            raise InputError("clip_vision_output: carries no per-layer hidden states; it must come from CLIP Vision "
+                             "Encode with a SigLIP model (sigclip_vision_patch14_384), not a CLIP one.")
+        bridge.throw_if_interrupted()
+        encoding = pipeline.encode_style_hidden_states(hidden)
+        return (encoding if previous is None else previous + encoding,)
+
+
+NODE_CLASSES = [USOEncodeStyle, USOEncodeSubject, USOStyleFromClipVision]

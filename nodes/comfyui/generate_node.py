@@ -68,6 +68,13 @@ class USOGenerate:
                     "default": False,
                     "tooltip": "Allow more than two style images and more than one subject (beyond what USO was "
                                "shown with; results vary)."}),
+                "latent": ("LATENT", {
+                    "tooltip": "Image to image: FLUX latents to start from (VAE Encode with the FLUX VAE, or a USO "
+                               "Generate latent). The size follows the latent; width/height/keep_size are unused."}),
+                "denoise": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "With a latent: how much to change it. 1.0 starts from noise; 0.6 runs the last 60% of "
+                               "the steps from the latent noised to that point (like diffusers' strength)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -85,9 +92,20 @@ class USOGenerate:
         return True
 
     def generate(self, uso_model, prompt, width, height, keep_size, steps, guidance, seed, batch_size,
-                 style=None, subject=None, shift="reference", extra_references=False, unique_id=None):
+                 style=None, subject=None, shift="reference", extra_references=False, latent=None, denoise=1.0,
+                 unique_id=None):
         pipeline = require_model(uso_model)
-        if not keep_size:
+        init_latents = None
+        if latent is not None:
+            if not isinstance(latent, dict) or "samples" not in latent:
+                raise InputError("latent: expected a LATENT (e.g. from VAE Encode); connect one here.")
+            if latent.get("noise_mask") is not None:
+                raise InputError("latent: has a noise mask (Set Latent Noise Mask / inpainting); USO Generate does "
+                                 "not inpaint. Connect the latent without the mask.")
+            init_latents = latent["samples"]
+            if getattr(init_latents, "ndim", 0) == 4 and init_latents.shape[0] > 1 and int(batch_size) == 1:
+                batch_size = init_latents.shape[0]  # like ComfyUI's samplers: the latent batch sets the count
+        if not keep_size and init_latents is None:  # with a latent the size comes from it
             for name, value in (("width", width), ("height", height)):
                 if problem := check_size(name, value):
                     raise InputError(problem)
@@ -112,6 +130,7 @@ class USOGenerate:
         result = pipeline.generate(prompt, styles=style, subjects=subject, width=int(width), height=int(height),
                                    keep_size=bool(keep_size), steps=int(steps), guidance=float(guidance),
                                    seeds=seeds, shift=shift, extra_references=bool(extra_references),
+                                   init_latents=init_latents, denoise=float(denoise),
                                    on_step=on_step, on_decode=on_decode)
         return (result.images, {"samples": result.latents})
 

@@ -4,6 +4,7 @@ Reads like a diffusers pipeline: explicit steps, plain tensors. Knows nothing of
 """
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import logging
@@ -19,7 +20,8 @@ from PIL import Image
 
 from . import fp8, lora, memory, positions, sampler, schedule, speed, style, subject, text, vae
 from .model_set import LoadedModels, ModelFiles, load_models
-from .errors import InputError, OutOfMemoryError
+from .user_lora import UserLora, read_user_lora
+from .errors import InputError, ModelFileError, OutOfMemoryError
 
 MIN_SIZE = 16
 MAX_SIZE = 4096
@@ -127,7 +129,6 @@ class USOPipeline:
         self.device = memory.resolve_device(options.device)
         self.precision = memory.resolve_precision(options.precision, self.device)
         self._lock = threading.RLock()
-        self._released = False
         self._prompt_cache = _LRU(8)
         self._style_cache = _LRU(32)
         self._subject_cache = _LRU(16)
@@ -144,11 +145,11 @@ class USOPipeline:
         self.lora_rank = models.lora_rank
 
         self.lora_mode = self._resolve_lora_mode(options.lora_mode)
-        if self.lora_mode == "fused":
-            lora.apply_fused(self.transformer, models.lora_parts, options.lora_strength)
-        else:
-            lora.apply_unfused(self.transformer, models.lora_parts, options.lora_strength,
-                               self.precision.compute)
+        # Recorded on the transformer: a second pipeline over the same models does not fuse again.
+        lora.apply_uso(self.transformer, models.lora_parts, self.lora_mode, options.lora_strength,
+                       self.precision.compute)
+        self.user_loras: tuple[tuple[UserLora, float], ...] = ()
+        self._shared = {"released": False, "lora_files": _LRU(8)}  # shared with `with_lora` views
         if self.precision.fp8_storage:
             fp8.enable_fp8_storage(self.transformer, self.precision.compute)
 
@@ -180,6 +181,66 @@ class USOPipeline:
         """fp8 storage or GGUF weights: the transformer is already as small as it gets here."""
         return self.precision.fp8_storage or any(
             hasattr(p, "quant_type") for p in self.transformer.parameters())
+
+    # -- user LoRAs -------------------------------------------------------------------------
+
+    @property
+    def _released(self) -> bool:
+        return self._shared["released"]
+
+    @_released.setter
+    def _released(self, value: bool) -> None:
+        self._shared["released"] = value
+
+    def with_lora(self, path: str, strength: float = 1.0) -> "USOPipeline":
+        """This pipeline with one more FLUX.1-dev LoRA on top of the USO LoRA (the loaded models are
+        shared, nothing is copied; the LoRA is applied when a view generates). Strength 0 leaves the
+        image as it is without the LoRA; the order LoRAs are added in does not change the image."""
+        strength = float(strength)
+        if not math.isfinite(strength) or abs(strength) > 100:
+            raise InputError(f"strength: {strength} is not a usable LoRA strength; use -100..100 (1.0 is the "
+                             "LoRA as trained).")
+        from .user_lora import file_identity
+
+        try:
+            identity = file_identity(path)
+        except OSError:
+            raise ModelFileError(f"lora: '{path}' does not exist; pick a file from ComfyUI's loras folder.") from None
+        with self._lock:
+            loaded = self._shared["lora_files"].get_or(
+                identity, lambda: read_user_lora(path, self.transformer, self.transformer_config))
+        view = copy.copy(self)
+        view.user_loras = self.user_loras + ((loaded, strength),)
+        return view
+
+    @property
+    def lora_warnings(self) -> list[str]:
+        """What the user LoRAs of this view left out (text-encoder parts, unknown modules)."""
+        return [w for loaded, _s in self.user_loras if (w := loaded.warning())]
+
+    def _user_lora_entries(self) -> tuple[tuple, list]:
+        """(key, [(part, strength x part scale)]) in one canonical order (file identity, strength),
+        so the order LoRAs were added in cannot change the arithmetic; strength 0 adds nothing."""
+        active = sorted(((loaded, s) for loaded, s in self.user_loras if s != 0.0),
+                        key=lambda item: (item[0].identity, item[1]))
+        key = tuple((loaded.identity, s) for loaded, s in active)
+        return key, [(part, s * part.scale) for loaded, s in active for part in loaded.parts]
+
+    def _sync_user_loras(self) -> None:
+        """Put this view's user LoRAs on the shared transformer (under the lock, before sampling)."""
+        key, entries = self._user_lora_entries()
+        # Fused into the weights where they are ours to edit; under group offload diffusers holds
+        # the streamed host copies, so the user LoRAs run unfused there.
+        fused = self.lora_mode == "fused" and self.memory_mode != "group_offload"
+        state = lora.state_of(self.transformer)
+        if state.user_key == (key, fused):
+            lora.place_adapters(self.transformer, self.device)
+            return
+        if fused and self.placement.moves and self.memory_mode == "model_offload":
+            # Edit the host copies (what the next onload copies from), not a device copy.
+            self.placement.release(self.modules())
+            self._released = True
+        lora.set_user_loras(self.transformer, key, entries, fused, self.device, self.precision.compute)
 
     def _resolve_lora_mode(self, mode: str) -> str:
         if mode not in LORA_MODES:
@@ -226,6 +287,31 @@ class USOPipeline:
                 (_image_key(image), crop),
                 lambda compute=compute: self._guarded("encoding a style image", compute)))
         return StyleEncoding(tuple(tokens), self.style_owner)
+
+    def encode_style_hidden_states(self, hidden_states: torch.Tensor) -> StyleEncoding:
+        """Style tokens from SigLIP hidden states computed elsewhere: (B, layers, tokens, dim), the
+        output of every encoder layer (ComfyUI's CLIP_VISION_OUTPUT `all_hidden_states` from a
+        SigLIP). Entry -k is HF's hidden_states[-k] (HF's list also starts with the embeddings),
+        so the projector reads the same layers -20, -11, -2 as from our own SigLIP. One style per
+        image of the batch."""
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 4:
+            raise InputError("clip_vision_output: carries no per-layer hidden states; it must come from CLIP "
+                             "Vision Encode with a SigLIP model (sigclip_vision_patch14_384), not a CLIP one.")
+        _b, layers, tokens, dim = hidden_states.shape
+        proj = self.projector
+        want_tokens, want_dim = proj.high_embedding_linear[0].in_features, proj.high_layer_norm.normalized_shape[0]
+        if (layers, tokens, dim) != (self.siglip_layers, want_tokens, want_dim):
+            raise InputError(f"clip_vision_output: is {layers} layers x {tokens} tokens x {dim} from its vision "
+                             f"model, but the USO projector needs SigLIP so400m at 384 px ({self.siglip_layers} "
+                             f"layers x {want_tokens} tokens x {want_dim}). Load sigclip_vision_patch14_384 in "
+                             "Load CLIP Vision.")
+        tokens_out = []
+        with self._lock, self._placed(), self.placement.use(self.projector), torch.inference_mode():
+            device = next(self.projector.parameters()).device
+            for one in hidden_states:
+                picked = {layer: one[layer][None].to(device) for layer in style.BRANCH_LAYERS.values()}
+                tokens_out.append(self.projector(picked).cpu())
+        return StyleEncoding(tuple(tokens_out), self.style_owner)
 
     def encode_subject(self, images: list[Image.Image], long_side: int = REFERENCE_LONG_SIDE,
                        sample_seed: int | None = None) -> SubjectEncoding:
@@ -286,8 +372,14 @@ class USOPipeline:
                  keep_size: bool = False, steps: int = 25, guidance: float = 4.0,
                  seeds: list[int] = (0,), shift: str = "reference", extra_references: bool = False,
                  on_step: Callable[[int, int], None] | None = None,
-                 on_decode: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 on_decode: Callable[[int, int], None] | None = None,
+                 init_latents: torch.Tensor | None = None, denoise: float = 1.0) -> GenerationResult:
         """One image per seed; image i equals a single run with seeds[i].
+
+        Image to image: `init_latents` (unscaled, (1 or len(seeds), 16, H/8, W/8), what a VAE
+        encodes) set the size, and sampling starts at step `schedule.first_step(steps, denoise)` of
+        the same schedule from x_t = (1 - t) x0 + t noise (x0 the scaled latent, t that step's
+        timestep). denoise 1.0 starts from the noise itself, like a run without a latent.
 
         `on_step(done, total)` runs after every denoising step and `on_decode(i, n)` before decoding
         image i of n; raising from either stops the run (Cancel).
@@ -304,7 +396,19 @@ class USOPipeline:
             raise InputError(f"guidance: {guidance} is not a number; use 4.0 (the reference) or 3.5.")
         if shift not in schedule.SHIFTS:
             raise InputError(f"shift: '{shift}' is not one of {', '.join(schedule.SHIFTS)}.")
-        width, height = self.output_size(int(width), int(height), keep_size, subjects)
+        denoise = float(denoise)
+        if not 0.0 <= denoise <= 1.0:  # also NaN
+            raise InputError(f"denoise: {denoise} is outside 0..1 (1.0 = from noise; 0.5 = keep half of the "
+                             "input latent's structure).")
+        x0 = None
+        if init_latents is not None:
+            x0 = self._scaled_init_latents(init_latents, len(seeds))
+            height, width = x0.shape[2] * 8, x0.shape[3] * 8
+        elif denoise < 1.0:
+            raise InputError(f"denoise: {denoise} needs a latent to start from; connect a LATENT (e.g. from VAE "
+                             "Encode) or set denoise to 1.0.")
+        else:
+            width, height = self.output_size(int(width), int(height), keep_size, subjects)
         self.check_encodings(styles, subjects)
         if not extra_references:
             if styles is not None and styles.count > MAX_REFERENCE_STYLES:
@@ -318,15 +422,25 @@ class USOPipeline:
         subject_tokens = [sampler.SubjectTokens(positions.pack(z), (z.shape[2] // 2, z.shape[3] // 2))
                           for z in (subjects.latents if subjects else ())]
         ts = schedule.timesteps(int(steps), width, height, shift)
-        total = len(seeds) * int(steps)
+        first = schedule.first_step(int(steps), denoise)
+        if first >= int(steps):
+            raise InputError(f"denoise: {denoise} x {steps} steps leaves no step to run; raise denoise or steps.")
+        ts = ts[first:]
+        run_steps = len(ts) - 1
+        total = len(seeds) * run_steps
+
 
         def sample_and_decode():
             latents = []
             with self._lock, self._placed():
+                self._sync_user_loras()
                 for n, seed in enumerate(seeds):
                     noise = sampler.initial_noise(seed, width, height, self.device)
+                    if x0 is not None:
+                        noise = sampler.noised_latent(x0[n if len(x0) > 1 else 0][None].to(self.device),
+                                                      noise, ts[0])
 
-                    def report(done, _steps, base=n * int(steps)):
+                    def report(done, _steps, base=n * run_steps):
                         if on_step is not None:
                             on_step(base + done, total)
 
@@ -343,6 +457,46 @@ class USOPipeline:
 
         images, unscaled = self._guarded(f"generating {width}x{height}", sample_and_decode)
         return GenerationResult(images, unscaled, seeds, width, height)
+
+    def _scaled_init_latents(self, latents, count: int) -> torch.Tensor:
+        """A LATENT's samples (unscaled, like ComfyUI's and our own LATENT output) checked and
+        scaled the way the transformer sees latents: (z - shift) * scale, float32 on the CPU."""
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            raise InputError("latent: expected FLUX latents [B, 16, H/8, W/8] (from VAE Encode with the FLUX VAE "
+                             "or USO Generate), got "
+                             f"{list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}.")
+        b, c, h, w = latents.shape
+        if c != 16:
+            raise InputError(f"latent: has {c} channels; FLUX latents have 16 (a {c}-channel latent comes from "
+                             "another model's VAE, e.g. SD/SDXL). Encode with the FLUX VAE (ae.safetensors).")
+        if not MIN_SIZE <= 8 * (h // 2 * 2) <= MAX_SIZE or not MIN_SIZE <= 8 * (w // 2 * 2) <= MAX_SIZE:
+            raise InputError(f"latent: is for a {8 * w}x{8 * h} image; USO makes sides of {MIN_SIZE}..{MAX_SIZE} px. "
+                             "Scale the image first (e.g. Upscale Image).")
+        if b not in (1, count):
+            raise InputError(f"latent: holds {b} latents for {count} images; give one latent (used for every "
+                             "image) or one per image.")
+        # FLUX packs 2x2 latent patches: an odd last row / column (an image side of 8 * odd) is left out.
+        z = latents.detach()[:, :, : h // 2 * 2, : w // 2 * 2].to("cpu", torch.float32)
+        if not torch.isfinite(z).all():
+            raise InputError("latent: contains NaN or infinite values; encode the image again.")
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    def encode_image_latents(self, image: Image.Image) -> torch.Tensor:
+        """An image -> unscaled latents (1, 16, H/8, W/8) for `generate(init_latents=...)`: the VAE's
+        posterior mean of the image center-cropped to multiples of 16."""
+        rgb = image.convert("RGB")
+        w, h = rgb.width // 16 * 16, rgb.height // 16 * 16
+        left, top = (rgb.width - w) // 2, (rgb.height - h) // 2
+        prepared = rgb.crop((left, top, left + w, top + h))
+        if min(prepared.size) < MIN_SIZE or max(prepared.size) > MAX_SIZE:
+            raise InputError(f"init_image: {image.width}x{image.height} is outside {MIN_SIZE}..{MAX_SIZE} px.")
+
+        def compute():
+            with self._lock, self._placed(), self.placement.use(self.vae, keep=True):
+                z = vae.encode_latents(self.vae, subject.subject_pixels(prepared))
+            return (z.float() / self.vae.config.scaling_factor + self.vae.config.shift_factor).cpu()
+
+        return self._guarded("encoding the init image", compute)
 
     def decode(self, latents_unscaled: torch.Tensor,
                on_decode: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -366,6 +520,7 @@ class USOPipeline:
         """Move everything off the GPU (ComfyUI wants its memory); the next run moves it back."""
         with self._lock:
             self.placement.release(self.modules())
+            lora.place_adapters(self.transformer, torch.device("cpu"))
             self._released = True
 
     @contextmanager

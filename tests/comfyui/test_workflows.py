@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import workflow_runner as wr
 from nodes.comfyui import NODE_CLASS_MAPPINGS, pipeline_cache
@@ -13,7 +14,8 @@ from nodes.comfyui import NODE_CLASS_MAPPINGS, pipeline_cache
 ROOT = Path(__file__).resolve().parents[2]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_FILES = sorted((ROOT / "workflows" / "api").glob("*.json"))
-LOCAL = ["uso_subject", "uso_style", "uso_two_styles", "uso_subject_style", "uso_restyle"]
+LOCAL = ["uso_subject", "uso_style", "uso_two_styles", "uso_subject_style", "uso_restyle", "uso_style_lora",
+         "uso_restyle_latent"]
 
 
 def load(path):
@@ -46,7 +48,7 @@ def test_ui_workflow_matches_the_node_schemas(path):
                 kind = wr.input_type(cls, name)
                 if kind == "COMBO":
                     spec = cls.INPUT_TYPES().get("required", {}).get(name) or cls.INPUT_TYPES()["optional"][name]
-                    if name not in ("transformer", "vae", "t5", "clip_l", "siglip", "uso_lora", "projector"):
+                    if name not in ("transformer", "vae", "t5", "clip_l", "siglip", "uso_lora", "projector", "lora_name"):
                         assert value in spec[0], (n["type"], name, value)
                 else:
                     assert isinstance(value, {"INT": int, "FLOAT": (int, float), "STRING": str,
@@ -111,12 +113,36 @@ def test_api_workflow_runs_end_to_end_on_the_tiny_models(name, input_dir):
     assert len(wr.SaveImage.saved) == 1
     _prefix, images = wr.SaveImage.saved[0]
     generate = next(n for n in prompt.values() if n["class_type"] == "USOGenerate")
-    if generate["inputs"]["keep_size"]:
+    if "latent" in generate["inputs"]:
+        # native VAE Encode of the 96x72 photo: the size follows the latent (72 -> 64, FLUX's 16 px patches)
+        assert images.shape == (1, 64, 96, 3)
+    elif generate["inputs"]["keep_size"]:
         # 96x72 subject at long side 64 -> 64x48 -> 2x at 1024/64 scale
         assert images.shape == (1, 768, 1024, 3)
     else:
         assert images.shape == (1, 48, 64, 3)
     assert results
+
+
+def test_the_lora_workflow_changes_the_image_and_strength_zero_does_not(input_dir):
+    """The LoRA workflow with its LoRA at 0 gives uso_style's image; at its strength another one."""
+    def run(name, **extra):
+        prompt = load(ROOT / "workflows" / "api" / f"{name}.json")
+        overrides = {}
+        for node_id, node in prompt.items():
+            if node["class_type"] == "USOGenerate":
+                overrides.update({(node_id, "width"): 64, (node_id, "height"): 48, (node_id, "steps"): 2})
+            if node["class_type"] == "USOLoadModels":
+                overrides[(node_id, "precision")] = "fp32"
+            if node["class_type"] == "USOLoraLoader" and "strength" in extra:
+                overrides[(node_id, "strength")] = extra["strength"]
+        wr.SaveImage.saved.clear()
+        wr.run_api_workflow(prompt, NODE_CLASS_MAPPINGS, overrides)
+        return wr.SaveImage.saved[0][1]
+
+    plain = run("uso_style")
+    assert torch.equal(run("uso_style_lora", strength=0.0), plain)
+    assert (run("uso_style_lora") - plain).abs().max() > 1 / 255
 
 
 def teardown_module():

@@ -60,10 +60,49 @@ class PreviewImage(SaveImage):
         return ()
 
 
-CORE_NODES = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+class VAELoader:
+    """ComfyUI's Load VAE: a file of the vae folder (here read with the pack's own loader)."""
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load_vae"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": ([],)}}
+
+    def load_vae(self, vae_name):
+        from nodes.comfyui import bridge
+        from nodes.engine import loaders
+
+        return (loaders.load_vae(loaders.Component(bridge.resolve_model_path("vae", vae_name))),)
+
+
+class VAEEncode:
+    """ComfyUI's VAE Encode: pixels cropped (centered) to multiples of 8, 2x - 1, the posterior
+    mode, returned unscaled -- ComfyUI's LATENT convention (its Flux latent_format scales on the
+    way into the model: (z - 0.1159) * 0.3611)."""
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}
+
+    def encode(self, pixels, vae):
+        for dim in (1, 2):
+            keep = pixels.shape[dim] // 8 * 8
+            pixels = pixels.narrow(dim, (pixels.shape[dim] % 8) // 2, keep)
+        x = pixels[..., :3].movedim(-1, 1) * 2.0 - 1.0
+        with torch.inference_mode():
+            return ({"samples": vae.encode(x).latent_dist.mode().float()},)
+
+
+CORE_NODES = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage,
+              "VAELoader": VAELoader, "VAEEncode": VAEEncode}
 #: Widget values the frontend stores for core nodes (LoadImage also stores its upload button).
 CORE_WIDGETS = {"LoadImage": ["image", "upload"], "SaveImage": ["filename_prefix"], "PreviewImage": [],
-                "Note": ["text"], "MarkdownNote": ["text"]}
+                "Note": ["text"], "MarkdownNote": ["text"], "VAELoader": ["vae_name"], "VAEEncode": []}
 UI_ONLY = {"Note", "MarkdownNote"}
 
 
