@@ -1,0 +1,163 @@
+"""Manifest throughput in one process and on Ray (a script, not a test).
+
+    python -m nodes.benchmarks.ray_throughput --size tiny --jobs 24
+    python -m nodes.benchmarks.ray_throughput --size medium --jobs 6 --width 256 --height 256 --steps 4
+
+Random-weight models of `--size` (nodes/engine/random_models.py), one style image shared by every
+job (as a manifest of one look would), distinct prompts and seeds. Measures, on this machine:
+
+- one process (`batch.run_jobs`, the command line without --ray): seconds per job after the models
+  are loaded;
+- a local Ray cluster started for the run with 1 and then 2 CPU workers (`ray_runner.run_on_ray`,
+  each worker with its share of the CPUs): the whole run (cluster start, workers loading the
+  models, the jobs) and the steady rate once every worker is ready;
+- the overhead Ray adds per job: 1-worker steady seconds per job minus one-process seconds per job
+  (same CPU threads).
+
+Prints a table and a JSON line, with the load average before and after (other work on the
+machine slows every figure).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from ..cli import batch, ray_runner
+from ..cli.command import jobs_for
+
+PROMPTS = ("a cat in the city at night", "a portrait of a woman with a red hat", "a dog in a green forest",
+           "a sketch of a man", "an oil painting of the sky", "a photo of a blue city")
+
+
+def random_backend(size: str):
+    """A loaded USO on random `size` weights (module level: Ray workers unpickle it by name)."""
+    from .. import api
+    from ..engine import EngineOptions, USOPipeline
+    from ..engine.random_models import build_random_models
+
+    return api.USO(USOPipeline(build_random_models(size), EngineOptions(device="cpu")), "tiny",
+                   {"models": f"random-{size}"})
+
+
+class _Clock(batch.Progress):
+    """Progress lines with their times: when each worker was ready, when each job finished."""
+
+    def __init__(self, total):
+        super().__init__(total, enabled=False)
+        self.ready: list[float] = []
+        self.done: list[float] = []
+
+    def line(self, text):
+        now = time.monotonic()
+        if re.match(r"Ray: worker \d+ .* ready", text):
+            self.ready.append(now)
+        elif "] done in " in text:
+            self.done.append(now)
+
+
+def _manifest(folder: str, args) -> str:
+    style = os.path.join(folder, "style.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(style)
+    path = os.path.join(folder, "jobs.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(args.jobs):
+            f.write(json.dumps({"prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}", "styles": ["style.png"], "seed": i,
+                                "width": args.width, "height": args.height, "steps": args.steps,
+                                "long_side": 64}) + "\n")
+    return path
+
+
+def _load() -> str:
+    return "%.2f %.2f %.2f" % os.getloadavg()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nodes.benchmarks.ray_throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("tiny", "medium"), default="tiny")
+    p.add_argument("--jobs", type=int, default=24)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
+    args = p.parse_args(argv)
+    import ray
+
+    make = functools.partial(random_backend, args.size)
+    result = {"size": args.size, "jobs": args.jobs, "width": args.width, "height": args.height,
+              "steps": args.steps, "cpus": args.cpus, "load_before": _load()}
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = jobs_for({}, _manifest(tmp, args), "tiny")
+
+        started = time.monotonic()
+        backend = make()
+        load_s = time.monotonic() - started
+        outcomes = batch.run_jobs(jobs, lambda: backend, os.path.join(tmp, "one"), "tiny",
+                                  progress=_Clock(len(jobs)))
+        one_s = time.monotonic() - started - load_s
+        assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes]
+        per_job = statistics.median(o.seconds for o in outcomes[1:])     # the first one warms up
+        result["one_process"] = {"load_s": round(load_s, 2), "s_per_job": round(per_job, 4),
+                                 "jobs_per_min": round(60 / per_job, 1),
+                                 "jobs_per_min_mean": round(60 * len(jobs) / one_s, 1)}
+        del backend
+
+        for n in args.workers:
+            started = time.monotonic()
+            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, object_store_memory=200 * 1024 ** 2)
+            init_s = time.monotonic() - started
+            clock = _Clock(len(jobs))
+            outcomes = ray_runner.run_on_ray(jobs, make, os.path.join(tmp, f"ray{n}"), "tiny", workers=n,
+                                             progress=clock)
+            total_s = time.monotonic() - started
+            ray.shutdown()
+            assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes]
+            last_ready = max(clock.ready)
+            after = [t for t in clock.done if t > last_ready]
+            # steady rate: the median gap between completions once every worker is ready, times the
+            # workers (robust to the other work on a shared machine), and the plain mean
+            gaps = np.diff([last_ready] + after)
+            steady_s = float(np.median(gaps)) if len(gaps) else float("nan")
+            result[f"ray_{n}"] = {"cluster_start_s": round(init_s, 2), "total_s": round(total_s, 2),
+                                  "workers_ready_s": round(last_ready - started, 2),
+                                  "jobs_after_ready": len(after), "s_per_job": round(steady_s, 4),
+                                  "jobs_per_min": round(60 / steady_s, 1),
+                                  "jobs_per_min_mean": round(60 * len(after) / (after[-1] - last_ready), 1),
+                                  "jobs_per_min_whole_run": round(60 * len(jobs) / total_s, 1)}
+    if "ray_1" in result:
+        result["overhead_s_per_job"] = round(result["ray_1"]["s_per_job"] - result["one_process"]["s_per_job"], 4)
+    result["load_after"] = _load()
+
+    print(f"{args.size}: {args.jobs} jobs of {args.width}x{args.height}, {args.steps} steps, one style; "
+          f"{args.cpus} CPUs; load average before {result['load_before']}, after {result['load_after']}")
+    one = result["one_process"]
+    print(f"  one process      : {one['jobs_per_min']:8.1f} jobs/min (median {one['s_per_job']:.3f} s/job; mean "
+          f"{one['jobs_per_min_mean']:.1f} jobs/min; models loaded in {one['load_s']:.1f} s)")
+    for n in args.workers:
+        r = result[f"ray_{n}"]
+        print(f"  Ray, {n} worker{'s' if n > 1 else ' '} : {r['jobs_per_min']:8.1f} jobs/min steady "
+              f"(median gap {r['s_per_job']:.3f} s over {r['jobs_after_ready']} jobs; mean "
+              f"{r['jobs_per_min_mean']:.1f} jobs/min); whole run {r['total_s']:.1f} s = "
+              f"{r['jobs_per_min_whole_run']:.1f} jobs/min (cluster start {r['cluster_start_s']:.1f} s, "
+              f"workers ready after {r['workers_ready_s']:.1f} s)")
+    if "overhead_s_per_job" in result:
+        print(f"  Ray overhead per job (1 worker's median gap minus one process's median job): "
+              f"{result['overhead_s_per_job'] * 1000:.0f} ms")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
