@@ -1,32 +1,37 @@
 """The one place that talks to ComfyUI.
 
-Inside ComfyUI this module uses folder_paths, comfy.model_management and comfy.utils.ProgressBar.
-Outside ComfyUI (tests, command line) every function falls back to plain behaviour, so the node
-classes stay importable and callable anywhere.
+Inside ComfyUI this module uses folder_paths, comfy.model_management (our models are ComfyUI
+models: `USOModelPatcher`), comfy.utils.ProgressBar and the server's progress text. Outside ComfyUI
+(tests, command line) every function falls back to plain behaviour, so the node classes stay
+importable and callable anywhere. tests/real_comfyui runs the ComfyUI side against ComfyUI's own
+modules and in a real server.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import weakref
 from typing import Callable
 
 from .. import model_catalog
 
 log = logging.getLogger("uso")
 
-try:  # pragma: no cover - exercised only inside a real ComfyUI
+try:
     import folder_paths as _folder_paths
     import comfy.model_management as _mm
+    import comfy.model_patcher as _model_patcher
     import comfy.utils as _comfy_utils
-except Exception:  # ComfyUI is absent
+except ImportError:  # ComfyUI is absent
     _folder_paths = None
     _mm = None
+    _model_patcher = None
     _comfy_utils = None
 
-try:  # pragma: no cover - exercised only inside a real ComfyUI
+try:
     from server import PromptServer as _PromptServer
-except Exception:
+except ImportError:  # ComfyUI is absent, or imported without its server (scripts, tests)
     _PromptServer = None
 
 
@@ -67,17 +72,21 @@ def model_folder_paths(folder: str) -> list[str]:
 def list_model_files(folder: str) -> list[str]:
     """Names (relative to their folder, '/' separated) of the weight files in a model folder; for
     `diffusers`, the sub-folders holding a diffusers model. Inside ComfyUI from folder_paths' cached
-    lists (refreshed by ComfyUI's Refresh), the diffusers folders walked like ComfyUI's own loader."""
+    lists (refreshed by ComfyUI's Refresh), the diffusers folders walked like ComfyUI's own loader.
+    A file reached by several names (a folder linked into itself) is listed once, shortest name."""
     if _folder_paths is None or folder == "diffusers":
         return model_catalog.list_folder_files(model_folder_paths(folder), folder)
-    names: set[str] = set()
+    by_file: dict[str, str] = {}
     for listed in (folder, GGUF_FOLDER) if folder == "diffusion_models" else (folder,):
         try:
-            names.update(n for n in _folder_paths.get_filename_list(listed)
-                         if n.lower().endswith(model_catalog.WEIGHT_EXTENSIONS))
+            names = _folder_paths.get_filename_list(listed)
         except KeyError:
-            pass
-    return sorted(n.replace(os.sep, "/") for n in names)
+            continue
+        for name in sorted(names, key=lambda n: (len(n), n)):
+            if name.lower().endswith(model_catalog.WEIGHT_EXTENSIONS):
+                target = os.path.realpath(_folder_paths.get_full_path(listed, name) or name)
+                by_file.setdefault(target, name)
+    return sorted(n.replace(os.sep, "/") for n in by_file.values())
 
 
 def resolve_model_path(folder: str, name: str) -> str:
@@ -103,12 +112,8 @@ def resolve_model_path(folder: str, name: str) -> str:
 
 
 def user_directory() -> str | None:
-    if _folder_paths is not None:
-        try:
-            return _folder_paths.get_user_directory()
-        except Exception:
-            return None
-    return None
+    """ComfyUI's user folder (where the remote node looks for its key file); None outside ComfyUI."""
+    return _folder_paths.get_user_directory() if _folder_paths is not None else None
 
 
 def shipped_tokenizer_dirs() -> dict[str, str]:
@@ -185,83 +190,129 @@ class Progress:
 
 def send_progress_text(text: str, node_id: str | None) -> None:
     """Text under a node in the ComfyUI UI (remote status, warnings); logged outside ComfyUI."""
-    server = getattr(_PromptServer, "instance", None) if _PromptServer is not None else None
-    if server is not None and node_id is not None and hasattr(server, "send_progress_text"):
-        try:
-            server.send_progress_text(text, node_id)
-            return
-        except Exception:  # the UI text is a courtesy; never fail a run over it
-            pass
-    log.info("%s", text)
+    server = getattr(_PromptServer, "instance", None)  # set once ComfyUI's server runs
+    if server is not None and node_id is not None:
+        server.send_progress_text(text, node_id)  # in ComfyUI 0.8.0 (the pack requires >= 0.8.0)
+    else:
+        log.info("%s", text)
 
 
 # ---------------------------------------------------------------------------------------------
 # Devices and memory
 # ---------------------------------------------------------------------------------------------
 
-def torch_device():
+def torch_device() -> str | None:
+    """ComfyUI's device (honours --cpu, --cuda-device ...); None outside ComfyUI: the engine picks."""
+    return str(_mm.get_torch_device()) if _mm is not None else None
+
+
+def device_hooks():
+    """How the engine shares the device with ComfyUI (None outside ComfyUI: the engine then plans
+    and moves on its own). Each of our modules becomes a ComfyUI model (`USOModelPatcher`): before
+    the engine puts modules on the device it asks ComfyUI's load_models_gpu, which unloads ComfyUI's
+    own models (or ours) to make room and lists ours in current_loaded_models; ComfyUI's
+    free_memory, Unload Models and /free unload ours through the same records."""
+    if _mm is None:
+        return None
+    from ..engine.memory import DeviceHooks
+
+    return DeviceHooks(before_use=_ComfyModels().before_use, available_bytes=available_device_bytes)
+
+
+def available_device_bytes(device) -> int:
+    """Free memory on `device` plus what ComfyUI's own models hold there: loading ours makes
+    ComfyUI unload them, so the memory mode may plan with it."""
+    held = 0
+    for loaded in list(_mm.current_loaded_models):
+        patcher = loaded.model
+        if patcher is not None and loaded.device == device and not isinstance(patcher, USOModelPatcher):
+            held += loaded.model_loaded_memory()
+    return int(_mm.get_free_memory(device)) + held
+
+
+class _ComfyModels:
+    """One USOModelPatcher per module of one USO pipeline, made when the engine first uses it."""
+
+    def __init__(self):
+        self._patchers: dict[int, USOModelPatcher] = {}
+
+    def before_use(self, placement, modules) -> None:
+        from ..engine.memory import DEFAULT_MARGIN_BYTES
+
+        patchers = []
+        for module in modules:
+            patcher = self._patchers.get(id(module))
+            if patcher is None:  # the patcher holds the module: its id is not reused meanwhile
+                patcher = self._patchers[id(module)] = USOModelPatcher(module, placement)
+            patchers.append(patcher)
+        # Room for the weights and, beyond them, the activations margin the memory plan assumes.
+        _mm.load_models_gpu(patchers, memory_required=DEFAULT_MARGIN_BYTES)
+
+
+USOModelPatcher = None
+if _model_patcher is not None:
     import torch
 
-    if _mm is not None:
-        return _mm.get_torch_device()
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    class _Holder(torch.nn.Module):
+        """What ComfyUI's records point at (ComfyUI sets its bookkeeping attributes on a patcher's
+        model, so they go here and not on our module). Named after the module it holds: ComfyUI
+        logs "Requested to load USO<class>"."""
 
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
 
-def free_comfy_memory(bytes_needed: int, device) -> None:
-    """Evict ComfyUI's own models from `device` until `bytes_needed` are free."""
-    if _mm is None or getattr(device, "type", str(device)) == "cpu":
-        return
-    # ComfyUI's own free_memory, not our wrapper: we are about to use the memory ourselves.
-    (_original_free_memory or _mm.free_memory)(bytes_needed, device)
-    _mm.soft_empty_cache()
+    _holder_classes: dict[str, type] = {}
 
+    def _holder(module):
+        name = "USO" + type(module).__name__
+        cls = _holder_classes.setdefault(name, type(name, (_Holder,), {}))
+        return cls(module)
 
-_release_callbacks: list[Callable[[], None]] = []
-_original_free_memory = None
-_patch_lock = threading.Lock()
+    class USOModelPatcher(_model_patcher.ModelPatcher):
+        """One of our modules (transformer, VAE, T5, CLIP-L, SigLIP, projector) as a ComfyUI model.
 
+        ComfyUI sees its size (`model_size`: what it needs on the device while it runs, per the
+        memory mode: all its weights, or two streamed groups), what of it is on the device now
+        (`loaded_size`) and its device (`load_device`). Moving weights stays with the engine's
+        placement, so every memory mode keeps its arithmetic: ComfyUI "loading" it only records
+        it (the engine moves it right after), and ComfyUI unloading it (`detach`) is the
+        placement's release of that module; the next use places it again.
+        """
 
-def on_comfy_unload(callback: Callable[[], None]) -> None:
-    """Call `callback` when ComfyUI unloads its models ("Unload models", /free, low VRAM).
+        def __init__(self, module, placement):
+            super().__init__(_holder(module), load_device=placement.device,
+                             offload_device=torch.device("cpu"))
+            self.module = module
+            self._placement = weakref.ref(placement)  # the pipeline owns the placement
+            self._listed = False                      # loaded, as far as ComfyUI knows
 
-    Our diffusers modules are not ModelPatchers, so ComfyUI does not see them; this wraps
-    comfy.model_management.unload_all_models and free_memory so that releasing memory in
-    ComfyUI releases ours too.
-    """
-    global _original_free_memory
-    if callback not in _release_callbacks:
-        _release_callbacks.append(callback)
-    if _mm is None:
-        return
-    with _patch_lock:
-        if _original_free_memory is not None:
-            return
-        original_unload_all = _mm.unload_all_models
-        original_free_memory = _original_free_memory = _mm.free_memory
+        def model_size(self):
+            placement = self._placement()
+            return placement.device_bytes(self.module) if placement is not None else 0
 
-        def unload_all_models(*args, **kwargs):
-            _run_release_callbacks()
-            return original_unload_all(*args, **kwargs)
+        def loaded_size(self):
+            placement = self._placement()
+            if not self._listed or placement is None:
+                return 0
+            return placement.bytes_on_device(self.module)
 
-        def free_memory(memory_required, device, *args, **kwargs):
-            result = original_free_memory(memory_required, device, *args, **kwargs)
-            try:
-                if _mm.get_free_memory(device) < memory_required:
-                    _run_release_callbacks()
-                    _mm.soft_empty_cache()
-            except Exception:
-                log.exception("USO: releasing USO models for ComfyUI failed")
-            return result
+        def current_loaded_device(self):
+            # ComfyUI then asks for room for what is not on the device yet (model_size - loaded_size).
+            return self.load_device
 
-        _mm.unload_all_models = unload_all_models
-        _mm.free_memory = free_memory
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            self._listed = True
+            return 0
 
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            return 0  # whole modules only: ComfyUI then unloads all of it (detach)
 
-def _run_release_callbacks() -> None:
-    for cb in list(_release_callbacks):
-        try:
-            cb()
-        except Exception:
-            log.exception("USO: releasing USO models failed")
+        def detach(self, unpatch_all=True):
+            # load_models_gpu detaches with unpatch_all=False only to list a model again: keep it.
+            if unpatch_all:
+                placement = self._placement()
+                if placement is not None:
+                    placement.release([self.module])
+                self._listed = False
+            return self.model

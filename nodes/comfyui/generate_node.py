@@ -7,8 +7,6 @@ from ..engine import InputError
 from ..engine.pipeline import MAX_BATCH, MAX_SIZE, MIN_SIZE, SEED_MAX, StyleEncoding, SubjectEncoding, batch_seeds
 from ..engine.schedule import SHIFTS
 
-_VRAM_HEADROOM = 2 * 1024 ** 3
-
 
 def check_size(name: str, value) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool):
@@ -126,7 +124,6 @@ class USOGenerate:
             bridge.throw_if_interrupted()
 
         bridge.throw_if_interrupted()
-        bridge.free_comfy_memory(_VRAM_HEADROOM, pipeline.device)
         result = pipeline.generate(prompt, styles=style, subjects=subject, width=int(width), height=int(height),
                                    keep_size=bool(keep_size), steps=int(steps), guidance=float(guidance),
                                    seeds=seeds, shift=shift, extra_references=bool(extra_references),

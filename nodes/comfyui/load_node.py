@@ -153,7 +153,7 @@ class USOLoadModels:
         options = EngineOptions(precision=precision, memory=memory, lora_mode=lora_mode, encoders=encoders,
                                 attention=attention, compile=bool(compile),
                                 step_cache=check_step_cache(step_cache),
-                                device=str(bridge.torch_device()),
+                                device=bridge.torch_device(),
                                 comfy_tokenizer_dirs=bridge.shipped_tokenizer_dirs())
         progress = bridge.Progress(len(LOAD_STEPS), node_id=unique_id)
 

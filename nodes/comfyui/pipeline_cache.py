@@ -1,9 +1,10 @@
-"""Keeps the last loaded USO pipeline alive across prompts, and gives its GPU memory back when
-ComfyUI asks (Unload models, /free, or ComfyUI needing VRAM for its own models).
+"""Keeps the last loaded USO pipeline alive across prompts.
 
 ComfyUI's output cache already keeps a loader node's result while the node stays unchanged; this
 also survives --cache-none and graph switches. One pipeline at most: loading another first drops
-the old one, so two full model sets never sit in memory together.
+the old one, so two full model sets never sit in memory together. Device memory is ComfyUI's to
+manage: the pipeline's modules are ComfyUI models (bridge.device_hooks), which ComfyUI unloads
+when it needs the room (Unload Models, /free, another model loading).
 """
 from __future__ import annotations
 
@@ -18,12 +19,6 @@ _lock = threading.Lock()
 _current: tuple[tuple, USOPipeline] | None = None
 
 
-def _release_all() -> None:
-    current = _current
-    if current is not None:
-        current[1].release_device_memory()
-
-
 def get_or_load(files: ModelFiles, options: EngineOptions, fingerprint: str,
                 on_load_step=None) -> USOPipeline:
     """The pipeline for these files and options, loading it unless it is the cached one."""
@@ -35,11 +30,10 @@ def get_or_load(files: ModelFiles, options: EngineOptions, fingerprint: str,
         # Headers only: a wrong or truncated file fails here, and the loaded model stays cached.
         check_files(files)
         _current = None
-        gc.collect()
-        bridge.free_comfy_memory(1 << 62, bridge.torch_device())
-        pipeline = USOPipeline.from_files(files, options, on_load_step=on_load_step)
+        gc.collect()  # the old pipeline's modules leave ComfyUI's records with it
+        pipeline = USOPipeline.from_files(files, options, on_load_step=on_load_step,
+                                          hooks=bridge.device_hooks())
         _current = (key, pipeline)
-        bridge.on_comfy_unload(_release_all)
         return pipeline
 
 

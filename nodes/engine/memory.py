@@ -25,8 +25,9 @@ On a machine without a GPU nothing moves; the offload modes still install their 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -274,15 +275,32 @@ def has_group_offload(module: nn.Module) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class DeviceHooks:
+    """How a host that manages device memory itself (ComfyUI) shares the device with the engine.
+    Without hooks (command line, Python API, tests) the engine plans and moves on its own.
+
+    - `before_use(placement, modules)`: the engine is about to put `modules` on the device (placing
+      them at load, or running them); the host makes room and records them. It may release any
+      module later with `placement.release([module])`; the next use places it again.
+    - `available_bytes(device)`: device memory the engine may plan with: what is free plus what the
+      host would give up (its own models it can unload). Asked once, when the memory mode is chosen.
+    """
+
+    before_use: Callable[["Placement", list[nn.Module]], None] | None = None
+    available_bytes: Callable[[torch.device], int] | None = None
+
+
 class Placement:
     """Where each model lives, per memory mode, and moving it there when it runs.
 
-    `setup` once; `use(module)` around every run of a module; `release` when ComfyUI wants the
-    memory back; `restore` (or simply the next `use`) puts things back.
+    `setup` once; `using(modules)` around every run of modules; `release` when the host (ComfyUI)
+    wants the memory back; `restore` (or simply the next `use`) puts things back.
     """
 
     def __init__(self, mode: str, device: torch.device, encoders: str = "resident",
-                 pin_budget_bytes: int | None = None):
+                 pin_budget_bytes: int | None = None,
+                 before_use: Callable[["Placement", list[nn.Module]], None] | None = None):
         if mode not in MEMORY_MODES[1:]:
             raise InputError(f"memory: '{mode}' must be resolved to one of {', '.join(MEMORY_MODES[1:])}.")
         self.mode = mode
@@ -291,7 +309,11 @@ class Placement:
         self.pin_budget_bytes = pin_budget_bytes   # None: no bound
         self.pinned_bytes = 0                       # host copies page-locked so far
         self._offload_device = torch.device("cpu")
-        self._streamed: set[int] = set()           # ids of modules under diffusers group offloading
+        self._streamed: dict[int, str] = {}        # id -> offload type, modules under group offloading
+        self.before_use = before_use                # DeviceHooks.before_use, or None
+        #: Called with the modules `release` moved off the device, for tensors the owner keeps
+        #: outside their parameters (the pipeline's user-LoRA adapters on the transformer).
+        self.on_release: Callable[[list[nn.Module]], None] | None = None
         self._resident: list[nn.Module] = []      # kept on the device in "gpu" mode
         self._host: dict[int, list] = {}           # model_offload: host copies of the tensors
         self._onloaded: nn.Module | None = None    # model_offload: the one model on the device
@@ -319,6 +341,8 @@ class Placement:
         for module in streamed:
             self._stream(module, "leaf_level")
         placed = [m for m in [transformer, *others] if id(m) not in self._streamed]
+        if self.mode in ("gpu", "group_offload"):
+            self._announce(placed)
         if self.mode == "gpu":
             self._resident = placed
             if self.moves:
@@ -337,7 +361,7 @@ class Placement:
 
     def _stream(self, module: nn.Module, offload_type: str) -> None:
         if id(module) in self._streamed or has_group_offload(module):
-            self._streamed.add(id(module))
+            self._streamed.setdefault(id(module), offload_type)
             return
         group_offloading = _group_offloading_module()
         # With a CUDA stream diffusers keeps a pinned *copy* of every weight (low_cpu_mem_usage
@@ -350,7 +374,7 @@ class Placement:
         if offload_type == "block_level":
             kwargs["num_blocks_per_group"] = 1
         group_offloading.apply_group_offloading(module, **kwargs)
-        self._streamed.add(id(module))
+        self._streamed[id(module)] = offload_type
 
     def _keep_host_copy(self, module: nn.Module) -> None:
         """Pinned host copies of a module's tensors: onloading is one fast copy each way in, and
@@ -384,6 +408,45 @@ class Placement:
     def on_device(self, module: nn.Module) -> bool:
         # Every tensor, not the first: a move cut short (out of memory) leaves a module split.
         return all(t.device.type == self.device.type for t in [*module.parameters(), *module.buffers()])
+
+    def _announce(self, modules: list[nn.Module]) -> None:
+        if self.before_use is not None and modules:
+            self.before_use(self, modules)
+
+    @contextmanager
+    def using(self, *modules: nn.Module, keep: bool = False):
+        """Run `modules` (one step of the work: the text encoders, the transformer, ...) on the
+        device: the host hook hears of them once, together, then each is `use`d."""
+        modules = [m for m in modules if m is not None]
+        self._announce(modules)
+        with ExitStack() as stack:
+            for m in modules:
+                stack.enter_context(self.use(m, keep))
+            yield
+
+    def device_bytes(self, module: nn.Module) -> int:
+        """Bytes `module` needs on the device while it runs: all its weights, or for a streamed
+        module its two largest groups (the one running and the one prefetched)."""
+        kind = self._streamed.get(id(module))
+        if kind is None:
+            return module_bytes(module)
+        if kind == "block_level":
+            blocks = [b for child in module.children() if isinstance(child, (nn.ModuleList, nn.Sequential))
+                      for b in child]
+            in_blocks = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
+            rest = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
+                       if id(t) not in in_blocks)
+            groups = [module_bytes(b) for b in blocks] + [rest]
+        else:  # leaf_level: every module holding tensors of its own is a group
+            groups = [sum(t.numel() * t.element_size() for t in [*m.parameters(recurse=False),
+                                                                 *m.buffers(recurse=False)])
+                      for m in module.modules()]
+        return sum(sorted(groups)[-2:])
+
+    def bytes_on_device(self, module: nn.Module) -> int:
+        """Bytes of `module`'s weights on the device now (a streamed module between runs: none)."""
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
+                   if t.device.type == self.device.type)
 
     @contextmanager
     def use(self, module: nn.Module, keep: bool = False):
@@ -434,7 +497,7 @@ class Placement:
             t.data = data
 
     def release(self, modules: list[nn.Module]) -> None:
-        """Everything off the GPU (ComfyUI asked for its memory back)."""
+        """These modules off the GPU (the host asked for the memory back, or out of memory)."""
         if not self.moves:
             return
         for m in modules:
@@ -445,17 +508,22 @@ class Placement:
                 self._offload_tensors(m)
             else:
                 m.to(self._offload_device)
-        self._onloaded = None
+            if m is self._onloaded:
+                self._onloaded = None
+        if self.on_release is not None:
+            self.on_release([m for m in modules if m is not None])
         self._empty_cache()
 
     def restore(self, transformer: nn.Module, others: list[nn.Module]) -> None:
         """Put released models back where the mode keeps them (offload modes onload lazily)."""
         if not self.moves or self.mode == "model_offload":
             return
-        for m in [transformer, *others]:
-            if m is not None and not self.is_streamed(m) and not self.on_device(m) and \
-                    (not self._resident or any(m is r for r in self._resident)):
-                m.to(self.device)
+        back = [m for m in [transformer, *others]
+                if m is not None and not self.is_streamed(m) and not self.on_device(m) and
+                (not self._resident or any(m is r for r in self._resident))]
+        self._announce(back)
+        for m in back:
+            m.to(self.device)
 
     def _empty_cache(self) -> None:
         if self.device.type == "cuda":

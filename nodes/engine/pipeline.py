@@ -121,10 +121,22 @@ class _LRU(OrderedDict):
         return value
 
 
+def _adapters_leave_with(transformer: torch.nn.Module) -> Callable[[list[torch.nn.Module]], None]:
+    """The user-LoRA adapters are not parameters: they leave the device with the transformer.
+    (A function of the transformer, not a pipeline method: the placement holds it, and a bound
+    method would keep the pipeline alive in a reference cycle.)"""
+    def released(modules: list[torch.nn.Module]) -> None:
+        if any(m is transformer for m in modules):
+            lora.place_adapters(transformer, torch.device("cpu"))
+    return released
+
+
 class USOPipeline:
     """The loaded USO models and everything to run them."""
 
-    def __init__(self, models: LoadedModels, options: EngineOptions = EngineOptions()):
+    def __init__(self, models: LoadedModels, options: EngineOptions = EngineOptions(),
+                 hooks: memory.DeviceHooks | None = None):
+        """`hooks`: how a host (ComfyUI) shares the device; None outside one."""
         self.options = options
         self.device = memory.resolve_device(options.device)
         self.precision = memory.resolve_precision(options.precision, self.device)
@@ -158,24 +170,29 @@ class USOPipeline:
         self.memory_plan = memory.plan_memory(
             options.memory, options.encoders, self.device, memory.module_bytes(self.transformer),
             sum(memory.module_bytes(m) for m in encoders), memory.module_bytes(self.vae),
-            transformer_quantized=self._quantized())
+            transformer_quantized=self._quantized(),
+            free_bytes=hooks.available_bytes(self.device)
+            if hooks and hooks.available_bytes and self.device.type != "cpu" else None)
         if self.memory_plan.mode != "gpu":
             # Offloading is slower; the reason says whether fp8 or GGUF weights would avoid it.
             logging.getLogger("uso.engine").warning("memory: %s (%s)", self.memory_plan.mode,
                                                     self.memory_plan.reason)
         self.memory_mode = self.memory_plan.mode
         self.placement = memory.Placement(self.memory_mode, self.device, self.memory_plan.encoders,
-                                          self.memory_plan.pin_budget_bytes)
+                                          self.memory_plan.pin_budget_bytes,
+                                          hooks.before_use if hooks else None)
+        self.placement.on_release = _adapters_leave_with(self.transformer)
         self.placement.setup(self.transformer, others, encoders=encoders)
         self.speed = speed.apply(self.transformer, speed.SpeedSettings(
             options.attention, options.compile, options.step_cache), self.device, self.precision.compute)
 
     @classmethod
     def from_files(cls, files: ModelFiles, options: EngineOptions = EngineOptions(),
-                   on_load_step: Callable[[str], None] | None = None) -> "USOPipeline":
+                   on_load_step: Callable[[str], None] | None = None,
+                   hooks: memory.DeviceHooks | None = None) -> "USOPipeline":
         precision = memory.resolve_precision(options.precision, memory.resolve_device(options.device))
         models = load_models(files, precision, options.comfy_tokenizer_dirs, on_load_step)
-        return cls(models, options)
+        return cls(models, options, hooks)
 
     def _quantized(self) -> bool:
         """fp8 storage or GGUF weights: the transformer is already as small as it gets here."""
@@ -264,7 +281,7 @@ class USOPipeline:
                              "reads only the first 512 tokens anyway. Shorten the prompt.")
 
         def compute():
-            with self._lock, self._placed(), self.placement.use(self.t5), self.placement.use(self.clip):
+            with self._lock, self._placed(), self.placement.using(self.t5, self.clip):
                 t5_tokens = text.encode_t5(self.t5, self.t5_tokenizer, prompt, self._device_of(self.t5))
                 pooled = text.encode_clip(self.clip, self.clip_tokenizer, prompt,
                                           self._device_of(self.clip))
@@ -279,8 +296,8 @@ class USOPipeline:
         for image in images:
             def compute(image=image):
                 pixels = style.style_pixels(image, self.style_size, crop)
-                with self._lock, self._placed(), self.placement.use(self.siglip), \
-                        self.placement.use(self.projector):
+                with self._lock, self._placed(), \
+                        self.placement.using(self.siglip, self.projector):
                     return style.encode_style(self.siglip, self.siglip_layers, self.projector,
                                               pixels).cpu()
             tokens.append(self._style_cache.get_or(
@@ -306,7 +323,7 @@ class USOPipeline:
                              f"layers x {want_tokens} tokens x {want_dim}). Load sigclip_vision_patch14_384 in "
                              "Load CLIP Vision.")
         tokens_out = []
-        with self._lock, self._placed(), self.placement.use(self.projector), torch.inference_mode():
+        with self._lock, self._placed(), self.placement.using(self.projector), torch.inference_mode():
             device = next(self.projector.parameters()).device
             for one in hidden_states:
                 picked = {layer: one[layer][None].to(device) for layer in style.BRANCH_LAYERS.values()}
@@ -325,7 +342,7 @@ class USOPipeline:
                     prepared = subject.preprocess_subject(image, long_side)
                 except ValueError as exc:
                     raise InputError(f"subject: {exc}") from exc
-                with self._lock, self._placed(), self.placement.use(self.vae, keep=True):
+                with self._lock, self._placed(), self.placement.using(self.vae, keep=True):
                     z = vae.encode_latents(self.vae, subject.subject_pixels(prepared), sample_seed)
                 return z.to(self.precision.compute).cpu(), prepared.size
             z, size = self._subject_cache.get_or(
@@ -429,7 +446,6 @@ class USOPipeline:
         run_steps = len(ts) - 1
         total = len(seeds) * run_steps
 
-
         def sample_and_decode():
             latents = []
             with self._lock, self._placed():
@@ -444,7 +460,7 @@ class USOPipeline:
                         if on_step is not None:
                             on_step(base + done, total)
 
-                    with self.placement.use(self.transformer, keep=True), \
+                    with self.placement.using(self.transformer, keep=True), \
                             speed.step_cache_run(self.transformer):
                         z = sampler.denoise(self.transformer, noise, t5_tokens, pooled, style_tokens,
                                             subject_tokens, ts, float(guidance), self.precision.compute,
@@ -492,7 +508,7 @@ class USOPipeline:
             raise InputError(f"init_image: {image.width}x{image.height} is outside {MIN_SIZE}..{MAX_SIZE} px.")
 
         def compute():
-            with self._lock, self._placed(), self.placement.use(self.vae, keep=True):
+            with self._lock, self._placed(), self.placement.using(self.vae, keep=True):
                 z = vae.encode_latents(self.vae, subject.subject_pixels(prepared))
             return (z.float() / self.vae.config.scaling_factor + self.vae.config.shift_factor).cpu()
 
@@ -504,7 +520,7 @@ class USOPipeline:
         `on_decode(i, n)` runs before image i of n (raising from it stops, e.g. on Cancel)."""
         tiled = max(latents_unscaled.shape[2:]) * 8 > 1536
         images = []
-        with self._lock, self.placement.use(self.vae, keep=True):
+        with self._lock, self.placement.using(self.vae, keep=True):
             for i, z in enumerate(latents_unscaled):
                 if on_decode is not None:
                     on_decode(i, len(latents_unscaled))
@@ -515,13 +531,6 @@ class USOPipeline:
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.transformer, self.vae, self.t5, self.clip, self.siglip, self.projector]
-
-    def release_device_memory(self) -> None:
-        """Move everything off the GPU (ComfyUI wants its memory); the next run moves it back."""
-        with self._lock:
-            self.placement.release(self.modules())
-            lora.place_adapters(self.transformer, torch.device("cpu"))
-            self._released = True
 
     @contextmanager
     def _placed(self):

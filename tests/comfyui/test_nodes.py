@@ -204,14 +204,6 @@ def test_encodings_from_another_model_are_refused(model, encodings, comfy_folder
         run(model, subject=foreign_subject)
 
 
-def test_comfyui_unload_releases_ours_and_the_next_run_still_works(comfy_folders):
-    (pipe,) = node("USOLoadModels").load(**LOADER)   # registers the release with ComfyUI
-    bridge._run_release_callbacks()            # what "Unload models" / /free end up calling
-    assert pipe._released
-    images, _ = run(pipe)
-    assert images.shape == (1, 48, 64, 3) and not pipe._released
-
-
 def test_loader_passes_speed_and_memory_options_to_the_engine(comfy_folders):
     (pipe,) = node("USOLoadModels").load(**{**LOADER, "encoders": "offload", "step_cache": 0.1})
     assert pipe.options.encoders == "offload" and pipe.options.step_cache == 0.1
