@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from . import bridge, pipeline_cache
+from . import bridge, pipeline_cache, requirements
 from ..engine import EngineOptions, InputError, ModelFiles, USOError
 from ..engine.memory import ENCODER_PLACEMENTS, MEMORY_MODES, PRECISIONS
 from ..engine.speed import ATTENTION_CHOICES, STEP_CACHE_MAX, check_step_cache
@@ -140,6 +140,7 @@ class USOLoadModels:
     def load(self, transformer, vae, t5, clip_l, siglip, uso_lora, projector, precision="auto",
              memory="auto", lora_mode="auto", encoders="auto", attention="native", compile=False,
              step_cache=0.0, unique_id=None):
+        requirements.require_installed()  # a clone without `pip install -r requirements.txt`
         for name, value, choices in (("precision", precision, PRECISIONS), ("memory", memory, MEMORY_MODES),
                                      ("lora_mode", lora_mode, LORA_MODES),
                                      ("encoders", encoders, ENCODER_PLACEMENTS),
