@@ -198,6 +198,21 @@ def test_model_offload_takes_turns_and_keeps_the_last_model_until_another_needs_
     assert p.where["transformer"] == "cpu" and p._onloaded is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the transfers need a GPU (a CPU run moves nothing)")
+@pytest.mark.parametrize("mode", ["model_offload", "group_offload"])
+def test_offload_modes_on_a_gpu_move_the_weights_and_leave_the_latents_identical(mode):
+    from nodes.engine import EngineOptions
+
+    def on_gpu(memory_mode):
+        models = build_random_models("tiny", dtype=torch.bfloat16)
+        return USOPipeline(models, EngineOptions(device="cuda", precision="bf16", memory=memory_mode))
+
+    resident = on_gpu("gpu")
+    offloaded = on_gpu(mode)
+    assert offloaded.placement.moves and all(p.device.type == "cpu" for p in offloaded.transformer.parameters())
+    assert torch.equal(run(offloaded), run(resident))
+
+
 def test_placement_refuses_an_unresolved_mode():
     with pytest.raises(InputError):
         memory.Placement("auto", torch.device("cpu"))
