@@ -238,11 +238,45 @@ def test_full_size_encoders_derive_the_official_configs():
     assert architecture.projector_config(proj.with_prefix("feature_embedder.")) == architecture.official("uso-projector")
 
 
-def test_full_size_lora_rank_is_128():
-    tensors = tiny_models.full_size_state_on_meta("lora")
-    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("down.weight")}
-    assert ranks == {128}
-    assert tensors["single_blocks.0.processor.proj_lora.down.weight"].shape[1] == 15360
+def _sparse_safetensors(path, shapes: dict, dtype: str = "BF16", itemsize: int = 2) -> None:
+    """A real safetensors file (header, offsets, size) whose data is a hole: no disk blocks are
+    used and every value reads as 0. The 478 MB full-size LoRA costs nothing to write."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape in sorted(shapes.items()):
+        size = itemsize * int(torch.Size(shape).numel())
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+def test_full_size_uso_lora_loads_with_the_real_loader_and_fits_the_full_transformer(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    full = tiny_models.FULL_FLUX
+    hidden = full["num_attention_heads"] * full["attention_head_dim"]
+    shapes = {f"diffusion_model.{k}": s for k, s in tiny_models._lora_shapes(
+        full["num_layers"], full["num_single_layers"], hidden, 4 * hidden, 128).items()}
+    path = tmp_path / "uso-flux1-dit-lora-v1.safetensors"
+    _sparse_safetensors(path, shapes)
+    assert os.path.getsize(path) > 470e6            # the real file's 478 MB of bf16
+    parts, rank = lora.load_uso_lora(str(path))
+    assert rank == 128
+    assert len(parts) == 19 * 8 + 38 * 4             # q/k/v split, projections once
+    by_module = {p.module: p for p in parts}
+    assert by_module["single_transformer_blocks.37.proj_out"].down.shape == (128, 15360)
+    assert by_module["transformer_blocks.18.attn.add_v_proj"].up.shape == (3072, 128)
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**full)
+    lora.check_fits(parts, transformer, path.name)
+    with torch.device("meta"):                       # a transformer of another width is refused
+        other = FluxTransformer2DModel(**{**full, "num_attention_heads": 20})
+    with pytest.raises(ModelFileError, match="does not fit this transformer"):
+        lora.check_fits(parts, other, path.name)
 
 
 # --------------------------------------------------------------------------------------------
