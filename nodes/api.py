@@ -96,6 +96,22 @@ def _open(image: ImageInput) -> Image.Image:
     return load_image(os.fspath(image))
 
 
+def _lora_list(loras) -> list[tuple[str, float]]:
+    """[(path, strength)] from paths, "PATH:STRENGTH" texts and (path, strength) pairs."""
+    from .engine.user_lora import parse_lora_spec
+
+    if isinstance(loras, (str, os.PathLike)):
+        loras = [loras]
+    out = []
+    for item in loras or ():
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append((os.fspath(item[0]), float(item[1])))
+        else:
+            path, strength = parse_lora_spec(os.fspath(item))
+            out.append((path, strength))
+    return out
+
+
 def _styles_list(styles) -> list:
     if styles is None:
         return []
@@ -131,11 +147,16 @@ class USO(_Cancellable):
                  height: int | None = None, keep_size: bool | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int | None = None, batch_size: int | None = None,
                  style_crop: str | None = None, long_side: int | None = None, shift: str | None = None,
-                 extra_references: bool = False,
+                 extra_references: bool = False, loras: Sequence = (),
+                 init_image: ImageInput | None = None, denoise: float | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> Output:
         """Images for `prompt` (may be empty: with a subject and keep_size, a restyle).
         Unset arguments take USO Generate's defaults (`self.defaults`). `on_step(done, total)`
-        runs after every denoising step of the batch."""
+        runs after every denoising step of the batch.
+
+        `loras`: FLUX.1-dev LoRAs on top of USO's, each a path, "PATH:STRENGTH" or (path, strength)
+        (what USO Load LoRA and --lora take; the loaded models are re-used). `init_image` with
+        `denoise` < 1: image to image from that image's latent (USO Generate's latent input)."""
         given = dict(prompt=prompt, width=width, height=height, keep_size=keep_size, steps=steps,
                      guidance=guidance, seed=seed, batch_size=batch_size, style_crop=style_crop,
                      long_side=long_side, shift=shift)
@@ -153,12 +174,18 @@ class USO(_Cancellable):
                 on_step(done, total)
 
         pipe = self.pipeline
+        lora_list = _lora_list(loras)
+        for path, strength in lora_list:
+            pipe = pipe.with_lora(path, strength)
+        denoise = 1.0 if denoise is None else float(denoise)
+        init_latents = pipe.encode_image_latents(_open(init_image)) if init_image is not None else None
         style_enc = pipe.encode_style([_open(s) for s in styles], p["style_crop"]) if styles else None
         subject_enc = pipe.encode_subject([_open(subject)], int(p["long_side"])) if subject is not None else None
         extra = {"extra_references": True} if extra_references else {}
         result = pipe.generate(p["prompt"], styles=style_enc, subjects=subject_enc, width=int(p["width"]),
                                height=int(p["height"]), keep_size=bool(p["keep_size"]), steps=int(p["steps"]),
-                               guidance=float(p["guidance"]), seeds=seeds, shift=p["shift"], on_step=step, **extra)
+                               guidance=float(p["guidance"]), seeds=seeds, shift=p["shift"], on_step=step,
+                               init_latents=init_latents, denoise=denoise, **extra)
         as_bytes = (result.images * 255.0).round().clamp(0, 255).to("cpu").numpy().astype(np.uint8)
         images = [Image.fromarray(frame, "RGB") for frame in as_bytes]
         parameters = {
@@ -167,13 +194,15 @@ class USO(_Cancellable):
             "keep_size": bool(p["keep_size"]), "steps": int(p["steps"]), "guidance": float(p["guidance"]),
             "seed": seeds[0], "batch_size": len(seeds), "style_crop": p["style_crop"],
             "long_side": int(p["long_side"]), "shift": p["shift"], "extra_references": bool(extra_references),
+            "loras": [[os.path.basename(path), strength] for path, strength in lora_list],
+            "init_image": _describe_image(init_image), "denoise": denoise,
             "backend": self.backend,
             "precision": str(pipe.precision.compute).replace("torch.", ""), "memory": pipe.memory_mode,
             "models": self.models, "software": png_info.software(),
         }
         if self.backend == "tiny":
             parameters["note"] = TINY_NOTICE
-        return Output(images, list(result.seeds), parameters, result.latents)
+        return Output(images, list(result.seeds), parameters, result.latents, pipe.lora_warnings)
 
 
 def load(*, tiny: bool = False, comfy_models: str | Sequence[str] | None = None,

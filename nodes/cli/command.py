@@ -31,7 +31,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 MODEL_FLAGS = ("comfy_models", "extra_model_paths", "diffusers", "transformer", "vae", "t5", "clip_l", "siglip",
                "uso_lora", "projector", "tokenizers")
 JOB_FLAGS = ("prompt", "subject", "styles", "seed", "width", "height", "keep_size", "steps", "guidance",
-             "batch_size", "output", "style_crop", "long_side", "shift", "extra_references", "negative_prompt")
+             "batch_size", "output", "style_crop", "long_side", "shift", "extra_references", "negative_prompt",
+             "loras", "init_image", "denoise")
 
 
 class SetupError(Exception):
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reference: squash to 384x384 (USO, default); center: ComfyUI's CLIP Vision Encode")
     gen.add_argument("--long-side", type=int, help="subject long side in px (default 512)")
     gen.add_argument("--shift", choices=("reference", "flux"), help="time shift (default reference)")
+    gen.add_argument("--lora", dest="loras", metavar="FILE[:STRENGTH]", action="append",
+                     help="a FLUX.1-dev LoRA on top of USO's (kohya, ComfyUI, xlabs or diffusers file; strength "
+                          "default 1.0); repeat for more")
+    gen.add_argument("--init-image", metavar="IMAGE", help="image to image: start from this image's latent "
+                                                           "(center-cropped to multiples of 16; sets the size)")
+    gen.add_argument("--denoise", type=float, help="with --init-image: how much to change it, 0..1 (default 1.0 "
+                                                   "= from noise)")
     gen.add_argument("--extra-references", action=argparse.BooleanOptionalAction, default=None,
                      help="allow more than two style images")
 
@@ -152,7 +160,8 @@ def _check_flags(args) -> list[str]:
 
 
 def defaults_for(kind: str) -> dict:
-    base = dict(api.DEFAULTS, negative_prompt="", output=None, subject=None, styles=(), extra_references=False)
+    base = dict(api.DEFAULTS, negative_prompt="", output=None, subject=None, styles=(), extra_references=False,
+                loras=(), init_image=None, denoise=1.0)
     if kind == "tiny":
         base.update(api.TINY_DEFAULTS)
     elif kind not in manifest.LOCAL_KINDS:

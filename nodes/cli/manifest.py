@@ -5,7 +5,8 @@ or CSV with a header row. Keys / columns (all optional; unset ones take the comm
 
   prompt, subject (image path), styles (JSON list or 'a.png;b.png'), seed, width, height, keep_size,
   steps, guidance, batch_size, output (file name inside --out), style_crop, long_side, shift,
-  extra_references (local), negative_prompt (--provider only)
+  extra_references (local), negative_prompt (--provider only), loras (local: JSON list of "FILE[:STRENGTH]"
+  or [FILE, STRENGTH], or 'a.safetensors:0.8;b.safetensors'), init_image and denoise (local: image to image)
 
 Relative image paths are relative to the manifest's folder. Every row is checked and every problem
 reported at once, as "<manifest> line N: ...". Image files are checked by their header only; a file
@@ -32,10 +33,11 @@ LIMITS = {
     "remote": dict(side=(256, 2048), steps=(1, 50), guidance=(1.0, 10.0), batch_size=(1, 4), styles=2),
 }
 FIELDS = ("prompt", "subject", "styles", "seed", "width", "height", "keep_size", "steps", "guidance",
-          "batch_size", "output", "style_crop", "long_side", "shift", "extra_references", "negative_prompt")
-LOCAL_ONLY = ("style_crop", "long_side", "shift", "extra_references")
+          "batch_size", "output", "style_crop", "long_side", "shift", "extra_references", "negative_prompt",
+          "loras", "init_image", "denoise")
+LOCAL_ONLY = ("style_crop", "long_side", "shift", "extra_references", "loras", "init_image", "denoise")
 REMOTE_ONLY = ("negative_prompt",)
-ALIASES = {"style": "styles", "crop": "style_crop", "num_images": "batch_size", "image": "subject"}
+ALIASES = {"style": "styles", "crop": "style_crop", "num_images": "batch_size", "image": "subject", "lora": "loras"}
 CHOICES = {"style_crop": ("reference", "center"), "shift": ("reference", "flux")}
 
 
@@ -67,6 +69,9 @@ class Job:
     extra_references: bool
     negative_prompt: str
     output: str | None
+    loras: tuple[tuple[str, float], ...] = ()   # (file, strength), local only
+    init_image: str | None = None               # image to image (local only)
+    denoise: float = 1.0
 
     def generate_kwargs(self, kind: str) -> dict:
         common = dict(prompt=self.prompt, subject=self.subject, styles=list(self.styles), width=self.width,
@@ -74,7 +79,8 @@ class Job:
                       seed=self.seed, batch_size=self.batch_size)
         if kind in LOCAL_KINDS:
             return dict(common, style_crop=self.style_crop, long_side=self.long_side, shift=self.shift,
-                        extra_references=self.extra_references)
+                        extra_references=self.extra_references, loras=list(self.loras), init_image=self.init_image,
+                        denoise=self.denoise)
         return dict(common, negative_prompt=self.negative_prompt)
 
 
@@ -192,6 +198,25 @@ def _styles(value) -> list[str]:
     raise ValueError(f"styles must be a list of image paths or 'a.png;b.png', got {json.dumps(value)}")
 
 
+def _loras(value) -> list[tuple[str, float]]:
+    """`loras`: "a.safetensors:0.8;b.safetensors", or a list of "FILE[:STRENGTH]" / [FILE, STRENGTH]."""
+    from ..engine.user_lora import parse_lora_spec
+
+    items = [s for s in value.split(";") if s.strip()] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"loras must be a list of 'FILE[:STRENGTH]' or 'a.safetensors:0.8;b.safetensors', "
+                         f"got {json.dumps(value)}")
+    out = []
+    for item in items:
+        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
+            out.append((item[0].strip(), _float("lora strength", item[1])))
+        elif isinstance(item, str):
+            out.append(parse_lora_spec(item))
+        else:
+            raise ValueError(f"loras: {json.dumps(item)} is not 'FILE[:STRENGTH]' or [FILE, STRENGTH]")
+    return tuple(out)
+
+
 def _in_range(name, value, lo, hi, hint=""):
     if not lo <= value <= hi:
         raise ValueError(f"{name} {value} is outside {lo}..{hi}{hint}")
@@ -244,6 +269,9 @@ def check_fields(values: dict, kind: str, base_dir: str, defaults: dict) -> tupl
         "shift": lambda v: _choice("shift", v),
         "extra_references": lambda v: _bool("extra_references", v),
         "negative_prompt": lambda v: _text("negative_prompt", v),
+        "loras": _loras,
+        "init_image": lambda v: _text("init_image", v).strip() or None,
+        "denoise": lambda v: _in_range("denoise", _float("denoise", v), 0.0, 1.0),
     }
     for key, raw in values.items():
         if raw is None:
@@ -262,6 +290,12 @@ def check_fields(values: dict, kind: str, base_dir: str, defaults: dict) -> tupl
     if values.get("styles") is not None:
         out["styles"] = tuple(_check_image("style", s, base_dir, problems) for s in out.get("styles") or ())
     out["styles"] = tuple(out.get("styles") or ())
+    if values.get("init_image") is not None and out.get("init_image"):
+        out["init_image"] = _check_image("init_image", out["init_image"], base_dir, problems)
+    if values.get("loras") is not None:
+        out["loras"] = tuple((_check_file("lora", path, base_dir, problems), strength)
+                             for path, strength in out.get("loras") or ())
+    out["loras"] = tuple(out.get("loras") or ())
 
     return out, problems
 
@@ -286,6 +320,8 @@ def check_job(out: dict, kind: str) -> list[str]:
                         + (" (set extra_references to allow more)" if kind in LOCAL_KINDS else " on fal/AIML"))
     if out["keep_size"] and not out.get("subject"):
         problems.append("keep_size needs a subject image (the output size comes from it)")
+    if out.get("denoise", 1.0) < 1.0 and not out.get("init_image"):
+        problems.append(f"denoise {out['denoise']} needs an init_image to start from (or denoise 1.0)")
     if kind not in LOCAL_KINDS and not out.get("subject") and not out["styles"]:
         problems.append("fal/AIML need at least one image: give a subject and/or styles")
     return problems
@@ -313,6 +349,14 @@ def _check_image(what: str, path: str, base_dir: str, problems: list[str]) -> st
     return full
 
 
+def _check_file(what: str, path: str, base_dir: str, problems: list[str]) -> str:
+    full = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+    if not os.path.isfile(full):
+        looked = f" (looked for {full})" if full != path else ""
+        problems.append(f"{what} '{path}' does not exist{looked}")
+    return full
+
+
 def normalize_keys(row: dict) -> tuple[dict, list[str]]:
     out, problems = {}, []
     for key, value in row.items():
@@ -331,8 +375,9 @@ def normalize_keys(row: dict) -> tuple[dict, list[str]]:
 
 
 def _make_job(index: int, where: str, values: dict) -> Job:
-    return Job(index=index, where=where, **{k: values.get(k) for k in FIELDS if k != "styles"},
-               styles=tuple(values.get("styles") or ()))
+    plain = {k: values.get(k) for k in FIELDS if k not in ("styles", "loras", "denoise")}
+    return Job(index=index, where=where, **plain, styles=tuple(values.get("styles") or ()),
+               loras=tuple(values.get("loras") or ()), denoise=float(values.get("denoise", 1.0)))
 
 
 def jobs_from_manifest(path: str, kind: str, defaults: dict) -> list[Job]:
