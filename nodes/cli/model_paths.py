@@ -268,11 +268,26 @@ def _explicit(folders: dict[str, list[str]], slot: str, value: str) -> tuple[str
     return None, f"{slot}: '{value}' does not exist ({SLOT_FLAGS[slot]})."
 
 
-def _default(folders: dict[str, list[str]], slot: str) -> tuple[str | None, str | None]:
+#: Where the default files of a slot sit in a ComfyUI models folder, for messages. The transformer
+#: has two defaults: BFL's file, and the all-in-one checkpoint of ComfyUI's own USO template.
+_TRANSFORMER_PLACES = "diffusion_models/flux1-dev.safetensors or checkpoints/flux1-dev-fp8.safetensors"
+
+
+def _default_places(slot: str) -> str:
+    info = SLOTS[slot]
+    return _TRANSFORMER_PLACES if slot == "transformer" else f"{info.directory}/{info.defaults[0]}"
+
+
+def _default(folders: dict[str, list[str]], slot: str, given: list[str] = ()) -> tuple[str | None, str | None]:
+    """The slot's default file in `folders`; `given` names the folders the user pointed at."""
     info = SLOTS[slot]
     if not folders:
+        if given:
+            return None, (f"{slot}: no file found: {', '.join(given)} holds none of ComfyUI's model folders "
+                          f"({', '.join(info.folders)}); point --comfy-models at ComfyUI's 'models' folder (the "
+                          f"one holding {_default_places(slot)}), or pass {SLOT_FLAGS[slot]} PATH.")
         return None, (f"{slot}: no file given; pass {SLOT_FLAGS[slot]} PATH or --comfy-models DIR "
-                      f"(ComfyUI's models folder holding {info.directory}/{info.defaults[0]}).")
+                      f"(ComfyUI's models folder holding {_default_places(slot)}).")
     labels = _candidates(folders, slot)
     label = pick_default(slot, labels)
     path = _by_name(folders, slot, label) if label is not None else None
@@ -281,8 +296,13 @@ def _default(folders: dict[str, list[str]], slot: str) -> tuple[str | None, str 
     searched = "; ".join(f"{f}: {', '.join(folders.get(f, [])) or '(none)'}" for f in info.folders)
     hint = (f"found {', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''} but none has a default name "
             f"({', '.join(info.defaults)}); pick one with {SLOT_FLAGS[slot]} NAME") if labels else \
-        f"download {info.url} into {info.directory}/, or pass {SLOT_FLAGS[slot]} PATH"
+        f"download {info.url} into {info.directory}/{_TRANSFORMER_ALTERNATIVE if slot == 'transformer' else ''}, " \
+        f"or pass {SLOT_FLAGS[slot]} PATH"
     return None, f"{slot}: no file found ({searched}); {hint}."
+
+
+_TRANSFORMER_ALTERNATIVE = (" (or ComfyUI's all-in-one flux1-dev-fp8.safetensors from "
+                            "https://huggingface.co/Comfy-Org/flux1-dev into checkpoints/)")
 
 
 def _embeds_text_and_vae(transformer: str) -> bool:
@@ -323,6 +343,7 @@ def resolve(sources: ModelSources) -> ResolvedModels:
     """Paths for every slot, or ModelPathError listing every slot that has none."""
     sources, notes = with_installation_defaults(sources)
     folders = gather_folders(sources)
+    given = [*sources.comfy_models, *sources.extra_model_paths]
     chosen: dict[str, str | None] = {}
     problems: list[str] = []
 
@@ -341,7 +362,7 @@ def resolve(sources: ModelSources) -> ResolvedModels:
         take("transformer", (path, None) if os.path.isdir(path) else
              (None, f"transformer: --diffusers '{sources.diffusers}' is not a folder."), "diffusers folder")
     else:
-        take("transformer", _default(folders, "transformer"), "ComfyUI default name")
+        take("transformer", _default(folders, "transformer", given), "ComfyUI default name")
 
     transformer = chosen.get("transformer")
     embedded = transformer is not None and _embeds_text_and_vae(transformer)
@@ -354,7 +375,7 @@ def resolve(sources: ModelSources) -> ResolvedModels:
             chosen[slot] = None
             notes.append(f"{slot}: from the transformer ({os.path.basename(transformer)})")
         else:
-            take(slot, _default(folders, slot), "ComfyUI default name")
+            take(slot, _default(folders, slot, given), "ComfyUI default name")
 
     tokenizers = None
     if sources.tokenizers:

@@ -296,6 +296,28 @@ def test_model_file_resolution_rules(tiny_models, tmp_path, monkeypatch):
     assert "--comfy-models DIR" in str(exc.value)
 
 
+def test_model_file_hints_name_both_transformer_defaults_and_an_empty_models_folder(tmp_path):
+    from nodes.cli import model_paths as mp
+
+    with pytest.raises(mp.ModelPathError) as exc:
+        api.resolve_files()
+    nothing_given = str(exc.value)
+    assert "diffusion_models/flux1-dev.safetensors or checkpoints/flux1-dev-fp8.safetensors" in nothing_given
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(mp.ModelPathError) as exc:
+        api.resolve_files(comfy_models=str(empty))
+    text = str(exc.value)
+    # The folder was given: the message says what is wrong with it, not "pass --comfy-models".
+    assert "pass --comfy-models" not in text and "--comfy-models DIR" not in text
+    assert f"transformer: no file found: {empty} holds none of ComfyUI's model folders" in text
+    assert "point --comfy-models at ComfyUI's 'models' folder" in text and "or pass --transformer PATH" in text
+    (empty / "diffusion_models").mkdir()
+    with pytest.raises(mp.ModelPathError) as exc:
+        api.resolve_files(comfy_models=str(empty))
+    assert "flux1-dev-fp8.safetensors from https://huggingface.co/Comfy-Org/flux1-dev into checkpoints/" in str(exc.value)
+
+
 def test_extra_model_paths_parser_matches_yaml(tmp_path):
     from nodes.cli import model_paths as mp
 
