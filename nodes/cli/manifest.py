@@ -392,8 +392,9 @@ def jobs_from_manifest(path: str, kind: str, defaults: dict) -> list[Job]:
         where = f"{name} line {line}"
         values, key_problems = normalize_keys(row)
         checked, value_problems = check_fields(values, kind, base_dir, defaults)
-        if not value_problems:
-            value_problems = check_job(checked, kind)
+        # A field that failed keeps its (valid) default, so the checks between fields still run
+        # and every kind of problem of the row is listed at once.
+        value_problems += check_job(checked, kind)
         problems.extend((line, p) for p in key_problems + value_problems)
         if checked.get("output"):
             if checked["output"] in outputs:
@@ -410,7 +411,7 @@ def jobs_from_manifest(path: str, kind: str, defaults: dict) -> list[Job]:
 def job_from_values(values: dict, kind: str, defaults: dict) -> Job:
     """The one job of a command line without --manifest (paths relative to the current folder)."""
     checked, problems = check_fields({k: v for k, v in values.items() if v is not None}, kind, os.getcwd(), defaults)
-    problems = problems or check_job(checked, kind)
+    problems = problems + check_job(checked, kind)
     if problems:
         raise ManifestError(problems)
     return _make_job(1, "command line", checked)

@@ -159,6 +159,28 @@ def test_manifest_problems_are_reported_with_line_numbers(tmp_path, pictures, ca
     assert "nothing was generated" in err and not (tmp_path / "out").exists()
 
 
+def test_a_row_with_several_kinds_of_problems_lists_them_all(tmp_path, pictures, capsys):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("\n".join([
+        json.dumps({"prompt": "size and seed", "seed": "x", "width": 1000, "height": 5000}),
+        json.dumps({"prompt": "restyle", "steps": 0, "keep_size": True, "guidance": "strong"}),
+    ]) + "\n")
+    code, out, err = run(["--tiny", "--manifest", manifest, "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: jobs.jsonl line 1: seed 'x' is not a whole number",
+        "error: jobs.jsonl line 1: width 1000 is not a multiple of 16 (use 992 or 1008)",
+        "error: jobs.jsonl line 1: height 5000 is outside 16..4096",
+        "error: jobs.jsonl line 2: steps 0 is outside 1..200",
+        "error: jobs.jsonl line 2: guidance 'strong' is not a number",
+        "error: jobs.jsonl line 2: keep_size needs a subject image (the output size comes from it)",
+    ]
+    # The same on the command line.
+    code, out, err = run(["--tiny", "--prompt", "x", "--steps", "0", "--keep-size", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "steps 0 is outside 1..200" in err and "keep_size needs a subject image" in err
+
+
 def test_csv_manifest_types_and_line_numbers(tmp_path, pictures, capsys):
     manifest = tmp_path / "jobs.csv"
     manifest.write_text(
@@ -171,7 +193,7 @@ def test_csv_manifest_types_and_line_numbers(tmp_path, pictures, capsys):
     code, out, err = run(["--tiny", "--manifest", manifest, "--out", tmp_path / "out"], capsys)
     assert code == 2
     assert "error: jobs.csv line 6: seed 'x' is not a whole number" in err
-    assert "error: jobs.csv line 6: height 4100 is outside 16..4096" not in err  # field problems come first
+    assert "error: jobs.csv line 6: height 4100 is outside 16..4096" in err  # every kind, not only the first
     assert "error: jobs.csv line 7: 10 values but the header has 9 columns" in err
 
     manifest.write_text("\n".join(manifest.read_text().split("\n")[:5]) + "\n")
