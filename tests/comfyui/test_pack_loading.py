@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOCKET_TYPES = {"IMAGE", "LATENT", "MASK", "USO_MODEL", "USO_STYLE", "USO_SUBJECT"}
+SOCKET_TYPES = {"IMAGE", "LATENT", "MASK", "CLIP_VISION_OUTPUT", "USO_MODEL", "USO_STYLE", "USO_SUBJECT"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 
@@ -32,8 +32,8 @@ def pack():
 def test_pack_imports_under_an_arbitrary_module_name(pack):
     assert pack.NODE_CLASS_MAPPINGS
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"USOLoadModels", "USOEncodeStyle", "USOEncodeSubject",
-                                             "USOGenerate", "USORemoteGenerate"}
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"USOLoadModels", "USOLoraLoader", "USOEncodeStyle", "USOEncodeSubject",
+                                             "USOStyleFromClipVision", "USOGenerate", "USORemoteGenerate"}
 
 
 def test_pack_imports_in_a_clean_interpreter_without_comfyui():

@@ -187,7 +187,7 @@ def test_changing_loras_reuses_the_weights_and_equals_loading_from_scratch(tiny_
 
 def test_fused_changes_are_exactly_reversible_in_bf16(tiny_models):
     """bf16 rounding would lose the base weights a little at every change; the elements that
-    would not come back are kept aside, so a hundred changes leave the weights bit for bit."""
+    would not come back are kept aside, so many changes leave the weights bit for bit."""
     model, cfg = loaders.load_transformer(str(tiny_models.paths["flux_bfl"]), torch.bfloat16)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     loaded = [user_lora.read_user_lora(str(tiny_models.paths[f"user_lora_{f}"]), model, cfg) for f in FORMATS]
@@ -196,7 +196,7 @@ def test_fused_changes_are_exactly_reversible_in_bf16(tiny_models):
         lora.set_user_loras(model, (one.identity, strength), [(p, strength * p.scale) for p in one.parts], True,
                             torch.device("cpu"), torch.bfloat16)
 
-    for i in range(100):
+    for i in range(28):
         put(loaded[i % len(loaded)], 0.05 + (i % 7) * 0.4)
     lora.set_user_loras(model, (), [], True, torch.device("cpu"), torch.bfloat16)
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
@@ -234,6 +234,28 @@ def test_fp8_weights_take_user_loras_unfused(tiny_models):
     lora_image = _latents(fp8.with_lora(str(tiny_models.paths["user_lora_comfyui"]), 1.0))
     assert not lora.state_of(fp8.transformer).user_fused
     assert (lora_image - plain).abs().max() > 1e-3
+
+
+def test_gguf_weights_take_user_loras_unfused(tiny_models):
+    if "flux_gguf" not in tiny_models.paths:
+        pytest.skip(tiny_models.skipped["flux_gguf"])
+    gguf = USOPipeline.from_files(replace(_files(tiny_models), transformer=str(tiny_models.paths["flux_gguf"])),
+                                  EngineOptions(precision="fp32", device="cpu"))
+    assert gguf.lora_mode == "unfused"
+    plain = _latents(gguf)
+    with_lora = _latents(gguf.with_lora(str(tiny_models.paths["user_lora_diffusers"]), 1.0))
+    assert not lora.state_of(gguf.transformer).user_fused
+    assert (with_lora - plain).abs().max() > 1e-3
+    assert torch.equal(_latents(gguf), plain)  # swapped out again
+
+
+@pytest.mark.parametrize("steps, denoise, skipped", [(25, 1.0, 0), (25, 0.6, 10), (25, 0.8, 5), (4, 0.5, 2),
+                                                      (25, 0.0, 25), (28, 0.75, 7)])
+def test_img2img_skips_the_steps_diffusers_strength_skips(steps, denoise, skipped):
+    from nodes.engine import schedule
+
+    # FluxImg2ImgPipeline.get_timesteps: init = min(steps * strength, steps); t_start = int(max(steps - init, 0))
+    assert schedule.first_step(steps, denoise) == skipped == int(max(steps - min(steps * denoise, steps), 0))
 
 
 def test_group_offload_takes_user_loras_unfused_with_the_same_image(tiny_models, fused_pipe):
