@@ -83,11 +83,13 @@ class Output:
 
 
 def _describe_image(image: ImageInput | None):
+    """How an input image is recorded in the parameters (and so in the PNGs): its file name only,
+    never the absolute path, which tells whoever gets the image about the machine it came from."""
     if image is None:
         return None
     if isinstance(image, Image.Image):
         return f"<image {image.width}x{image.height}>"
-    return os.fspath(image)
+    return os.path.basename(os.fspath(image))
 
 
 def _open(image: ImageInput) -> Image.Image:
@@ -197,7 +199,9 @@ class USO(_Cancellable):
             "loras": [[os.path.basename(path), strength] for path, strength in lora_list],
             "init_image": _describe_image(init_image), "denoise": denoise,
             "backend": self.backend,
-            "precision": str(pipe.precision.compute).replace("torch.", ""), "memory": pipe.memory_mode,
+            "precision": str(pipe.precision.compute).replace("torch.", ""), "device": pipe.device.type,
+            # What ran: on a CPU nothing is placed on or offloaded to a GPU, whatever the plan is called.
+            "memory": pipe.memory_mode if pipe.placement.moves else "none (cpu)",
             "models": self.models, "software": png_info.software(),
         }
         if self.backend == "tiny":

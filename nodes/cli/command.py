@@ -303,8 +303,6 @@ def _run(args, kind: str) -> int:
         _err(f"{len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}; nothing was generated.")
         return EXIT_USAGE
 
-    if kind == "tiny":
-        _err("=" * 78 + f"\n{api.TINY_NOTICE}\n" + "=" * 78)
     resolved = None
     try:
         if kind == "local":
@@ -329,6 +327,8 @@ def _run(args, kind: str) -> int:
             print(f"job {job.index} ({job.where}) [{state}]: {', '.join(batch.display_path(p) for p in paths)}")
         print(f"dry run: {len(jobs)} job{'s' if len(jobs) != 1 else ''} checked; nothing generated.")
         return EXIT_OK
+    if kind == "tiny":  # only when images are about to be made: they are the noise it warns of
+        _err("=" * 78 + f"\n{api.TINY_NOTICE}\n" + "=" * 78)
 
     interrupts = _Interrupts()
 

@@ -103,9 +103,12 @@ def test_batch_with_a_failing_job_then_resume_then_overwrite(tmp_path, pictures,
         assert img.size == (48, 32)
     params = png_info.read_parameters(str(out_dir / "pair_11.png"))
     assert params["seed"] == 11 and params["batch_size"] == 2 and params["image"] == "2/2"
-    assert [os.path.basename(s) for s in params["styles"]] == ["style.jpg", "style2.png"]
+    # File names only, never the absolute paths; what ran (a CPU: nothing placed on a GPU).
+    assert params["styles"] == ["style.jpg", "style2.png"]
     first = png_info.read_parameters(str(out_dir / "0001_a-cat_3.png"))
-    assert os.path.basename(first["subject"]) == "subject.png" and first["job"] == 1
+    assert first["subject"] == "subject.png" and first["job"] == 1
+    assert (first["device"], first["memory"]) == ("cpu", "none (cpu)")
+    assert str(tmp_path) not in (out_dir / "0001_a-cat_3.png").read_bytes().decode("latin-1")
     summary = json.loads(summary_file.read_text())
     assert [j["status"] for j in summary["jobs"]] == ["done", "failed", "done"]
     assert summary["jobs"][1]["where"] == "jobs.jsonl line 2" and "truncated" in summary["jobs"][1]["error"]
@@ -199,6 +202,7 @@ def test_csv_manifest_types_and_line_numbers(tmp_path, pictures, capsys):
     manifest.write_text("\n".join(manifest.read_text().split("\n")[:5]) + "\n")
     code, out, err = run(["--tiny", "--manifest", manifest, "--out", tmp_path / "out", "--dry-run"], capsys)
     assert code == 0, err
+    assert "SMOKE TEST" not in err  # nothing is generated, so no warning about noise images
     assert "job 1 (jobs.csv line 2) [to do]: " in out and "cat.png" in out
     assert "job 2 (jobs.csv line 4) [to do]: " in out and "0002_multi-line-prompt_6.png" in out
     jobs = cli.plan_jobs(cli.build_parser().parse_args(["--tiny", "--manifest", str(manifest)]), "tiny")
