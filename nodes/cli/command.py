@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="multiple of 16 (default 1024)")
     gen.add_argument("--height", type=int, help="multiple of 16 (default 1024)")
     gen.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=None,
-                     help="output size from the subject (2x its encoded size) instead of width/height")
+                     help="output size from the subject instead of width/height: each side of its encoded "
+                          "size x 1024 / --long-side, down to a multiple of 16 (2x at long side 512)")
     gen.add_argument("--steps", type=int, help="denoising steps (default 25; fal/AIML 28)")
     gen.add_argument("--guidance", type=float, help="FLUX guidance (default 4.0)")
     gen.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default 0; "

@@ -45,8 +45,9 @@ class USOGenerate:
                 "height": ("INT", {"default": 1024, "min": MIN_SIZE, "max": MAX_SIZE, "step": 16,
                                    "tooltip": "Output height, a multiple of 16."}),
                 "keep_size": ("BOOLEAN", {"default": False,
-                                          "tooltip": "Output size from the subject (2x its encoded size) instead "
-                                                     "of width/height."}),
+                                          "tooltip": "Output size from the subject instead of width/height: "
+                                                     "each side of its encoded size x 1024 / long_side, down "
+                                                     "to a multiple of 16 (2x at long side 512)."}),
                 "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Denoising steps (USO: 25)."}),
                 "guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                        "tooltip": "FLUX guidance embedding (USO: 4.0; ComfyUI's template: 3.5)."}),

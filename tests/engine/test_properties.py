@@ -4,6 +4,8 @@ preprocessing, the UnoPE id grids, packing, the output size rules and IMAGE -> P
 where one exists."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 
 import numpy as np
@@ -196,3 +198,18 @@ def test_image_batch_to_pils_refuses_every_other_shape_clearly(shape):
     else:
         with pytest.raises(ValueError, match=r"^image: "):
             image_convert.image_batch_to_pils(t)
+
+
+@pytest.mark.parametrize("long_side,encoded,output", [
+    (512, (512, 384), (1024, 768)),     # the default long side: 2x
+    (64, (64, 32), (1024, 512)),        # a --tiny run (long side 64): 16x, not 2x
+    (784, (784, 588), (1008, 752)),     # int(784 * (1024 / 784)) = 1023 -> 1008; 588 -> 767 -> 752
+    (1024, (1024, 680), (1024, 672)),   # 1x, then down to a multiple of 16
+])
+def test_keep_size_is_the_encoded_size_times_1024_over_long_side(long_side, encoded, output):
+    """What the README, the node tooltip and --help say keep_size does."""
+    enc = SubjectEncoding((torch.zeros(1),), (encoded,), long_side, "x")
+    assert USOPipeline.output_size(None, 16, 16, True, enc) == output
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "each side of its encoded size × 1024 / `long_side`, down to a multiple of 16: 2× at the default " \
+           "long side 512" in readme
