@@ -452,15 +452,26 @@ def test_png_metadata_never_holds_a_key(tmp_path):
     assert not list(tmp_path.glob("*.part"))
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+def test_readme_python_example_runs_as_a_script_saved_elsewhere(tmp_path):
     text = (ROOT / "README.md").read_text()
     block = text.split("<!-- api-example -->", 1)[1].split("<!-- /api-example -->", 1)[0]
     code = block.split("```python", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    assert "[7, 8]" in printed and "(64, 64)" in printed
+    placeholder = '"~/ComfyUI/custom_nodes/comfyui-uso"'
+    assert placeholder in code  # the one line a user changes: where the pack is
+    script = tmp_path / "elsewhere" / "fox.py"
+    script.parent.mkdir()
+    script.write_text(code.replace(placeholder, repr(str(ROOT))))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "[7, 8]" in proc.stdout and "(64, 64)" in proc.stdout
     assert png_info.read_parameters(str(tmp_path / "out" / "fox_2.png"))["seed"] == 8
+    # Without that line it is the error users met.
+    script.write_text(code.replace("sys.path.insert", "(lambda *a: None)"))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "No module named 'nodes'" in proc.stderr
 
 
 def test_readme_shows_the_commands():
