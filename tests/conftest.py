@@ -21,6 +21,23 @@ for _path in (str(_HERE.parent), str(_HERE / "helpers")):
         sys.path.insert(0, _path)
 
 
+_REAL_COMFYUI = _HERE / "real_comfyui"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--real-comfyui", action="store_true",
+                     help="run the real-ComfyUI stage (tests/real_comfyui): ComfyUI 0.8.0 servers started "
+                          "through ../shared/tools/comfyui_here.sh")
+
+
+def pytest_ignore_collect(collection_path, config):
+    # The real-ComfyUI stage starts ComfyUI servers; it runs only when asked for (the README's test
+    # command runs it as a second pytest call), never as part of the plain `pytest` run.
+    if collection_path == _REAL_COMFYUI and not config.getoption("--real-comfyui"):
+        return True
+    return None
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny random-weight models written once per session in every supported file layout.
