@@ -345,7 +345,7 @@ def report(args, device, precision, tokens, cfg, base, uso) -> str:
                  f"{args.steps} steps; transformer weights {uso['transformer_gib']:.2f} GiB")
     lines.append(f"  tokens: image {tokens['noise']} + subject {tokens['subject']} = {tokens['image']}; "
                  f"text 512 + style {tokens['style']} = {tokens['text']}; joint N = {tokens['total']}")
-    lines.append(f"  FLOP formula (performance.md appendix, this size): {tflop:.3f} TFLOP/step "
+    lines.append(f"  FLOP count (flop_per_step, this size): {tflop:.3f} TFLOP/step "
                  f"(linear {linear / 1e12:.3f} + attention {attention / 1e12:.3f}); "
                  f"{args.steps} steps = {tflop * args.steps:.2f} TFLOP")
     lines.append("")

@@ -476,6 +476,8 @@ def test_readme_python_example_runs_as_a_script_saved_elsewhere(tmp_path):
 
 def test_readme_shows_the_commands():
     text = (ROOT / "README.md").read_text()
+    # Users get the pack, not this project's specs: the README points at nothing under shared/.
+    assert "shared/specs" not in text and "performance.md" not in text
     assert "python -m nodes.cli --tiny --prompt" in text
     usage = cli.build_parser().format_help()
     for flag in ("--manifest", "--comfy-models", "--extra-model-paths", "--diffusers", "--tokenizers", "--provider",
