@@ -344,7 +344,8 @@ class RemoteUSO(_Cancellable):
             style_images=[_open(s) for s in styles] or None)
         hooks = Hooks(is_cancelled=self._cancel.is_set, report=on_status or (lambda _t: None),
                       progress=on_progress or (lambda _f: None))
-        settings = Settings.from_env(poll_interval_s=self.POLL_INTERVAL_S, backoff_base_s=self.BACKOFF_BASE_S)
+        settings = Settings.from_env(poll_interval_s=self.POLL_INTERVAL_S, backoff_base_s=self.BACKOFF_BASE_S,
+                                     in_comfyui=False)
         try:
             result = generate(inputs, user_dir=self.user_dir, hooks=hooks, settings=settings)
         except RemoteCancelled:

@@ -278,7 +278,7 @@ def _check_remote_key(kind: str) -> None:
 
     root = model_paths.enclosing_comfyui()
     try:
-        resolve_key(kind, os.path.join(root, "user") if root else None)
+        resolve_key(kind, os.path.join(root, "user") if root else None, in_comfyui=False)
     except KeyProblem as exc:
         raise SetupError(str(exc)) from None
 

@@ -70,33 +70,40 @@ def key_file_path(user_dir: str | None) -> Path | None:
     return None
 
 
-def where_to_put_it(provider: str, user_dir: str | None) -> str:
+def where_to_put_it(provider: str, user_dir: str | None, in_comfyui: bool = True) -> str:
+    """How to give the key, for ComfyUI (an environment variable is read when ComfyUI starts) or
+    for the command line and the Python API (`in_comfyui` False: read by the next run)."""
     env = " or ".join(ENV_VARS[provider])
     example = json.dumps({provider: KEY_FORMATS[provider]})
     path = key_file_path(user_dir)
     if path is not None:
-        file_hint = f"or write {example} into {path} (read on every run, no restart needed)"
+        file_hint = f"or write {example} into {path} (read on every run{', no restart needed' if in_comfyui else ''})"
     else:
         file_hint = (f"or write {example} into a JSON file and set the environment variable "
                      f"{KEYS_FILE_ENV} to its path")
+    if in_comfyui:
+        return (f"Set the environment variable {env} to your {PROVIDER_NAMES[provider]} key "
+                f"('{KEY_FORMATS[provider]}', from {KEY_PAGES[provider]}) and restart ComfyUI, "
+                f"{file_hint}. Never type the key into a widget: widgets are saved in workflows and PNGs.")
     return (f"Set the environment variable {env} to your {PROVIDER_NAMES[provider]} key "
-            f"('{KEY_FORMATS[provider]}', from {KEY_PAGES[provider]}) and restart ComfyUI, "
-            f"{file_hint}. Never type the key into a widget: widgets are saved in workflows and PNGs.")
+            f"('{KEY_FORMATS[provider]}', from {KEY_PAGES[provider]}) in the shell or process that runs "
+            f"this (e.g. export {ENV_VARS[provider][0]}=...), {file_hint}. Never put the key in a script, "
+            "a manifest or a command line: those end up in files and shell histories.")
 
 
-def resolve_key(provider: str, user_dir: str | None) -> ApiKey:
+def resolve_key(provider: str, user_dir: str | None, in_comfyui: bool = True) -> ApiKey:
     """The key for `provider`, validated; KeyProblem (without the key in it) otherwise."""
     if provider not in ENV_VARS:
         raise KeyProblem(f"provider: '{provider}' is not supported; choose 'fal' or 'aiml'.")
     found = _from_env(provider) or _from_file(provider, user_dir)
     if found is None:
         raise KeyProblem(f"{PROVIDER_NAMES[provider]}: no API key found. "
-                         f"{where_to_put_it(provider, user_dir)}")
+                         f"{where_to_put_it(provider, user_dir, in_comfyui)}")
     value, source = found
     problem = key_format_problem(provider, value)
     if problem:
         raise KeyProblem(f"{PROVIDER_NAMES[provider]}: the API key from {source} is malformed: "
-                         f"{problem}. {where_to_put_it(provider, user_dir)}")
+                         f"{problem}. {where_to_put_it(provider, user_dir, in_comfyui)}")
     return ApiKey(provider, Secret(value), source)
 
 

@@ -31,6 +31,7 @@ class Settings:
     poll_interval_s: float = 1.0
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
+    in_comfyui: bool = True        # messages: how to give a key inside ComfyUI, or to a script
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -111,7 +112,7 @@ def generate(inputs: RemoteInputs, *, user_dir: str | None, hooks: Hooks = Hooks
         base_url = _check_url(fal.QUEUE_URL_ENV, settings.fal_queue_url, fal.DEFAULT_QUEUE_URL)
     else:
         base_url = _check_url(aiml.URL_ENV, settings.aiml_url, aiml.DEFAULT_URL)
-    key = resolve_key(provider, user_dir)
+    key = resolve_key(provider, user_dir, settings.in_comfyui)
 
     urls, notes = image_list(provider, to_data_uri(subject[0]) if subject else None,
                              [to_data_uri(s) for s in styles])

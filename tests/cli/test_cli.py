@@ -211,6 +211,23 @@ def test_csv_manifest_types_and_line_numbers(tmp_path, pictures, capsys):
     assert jobs[1].prompt == "multi\nline prompt" and jobs[1].subject is None and jobs[1].seed == 6
 
 
+def test_key_messages_outside_comfyui_do_not_say_restart_comfyui(tmp_path, pictures, capsys, monkeypatch):
+    from nodes.remote import KeyProblem
+    from nodes.remote.keys import resolve_key
+
+    for name in ("FAL_KEY", "AIML_API_KEY", "USO_REMOTE_KEYS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run(["--provider", "fal", "--prompt", "x", "--style", pictures["style"], "--out", tmp_path], capsys)
+    assert code == 2 and "no API key found" in err
+    assert "restart ComfyUI" not in err and "in the shell or process that runs this" in err
+    with pytest.raises(KeyProblem) as exc:
+        api.remote("aiml", user_dir=None).generate("x", styles=[pictures["style"]])
+    assert "restart ComfyUI" not in str(exc.value) and "export AIML_API_KEY=" in str(exc.value)
+    with pytest.raises(KeyProblem) as exc:   # inside ComfyUI a variable is read when it starts
+        resolve_key("fal", None)
+    assert "restart ComfyUI" in str(exc.value)
+
+
 def test_usage_errors_exit_2(tmp_path, capsys):
     assert run(["--tiny", "--provider", "fal", "--prompt", "x"], capsys)[0] == 2
     code, _, err = run(["--tiny", "--transformer", "flux.safetensors"], capsys)
