@@ -1,9 +1,9 @@
 """A manifest's jobs over a Ray cluster (``python -m nodes.cli --manifest jobs.jsonl --ray``).
 
 One Ray actor per GPU (``num_gpus=1``; CPU actors where the cluster has no GPU), each loading the
-models once and keeping its pipeline's encodings cache between jobs. Jobs that share their
-reference images (styles, subject and how they are encoded) form a group; a free worker takes the
-next job of the group it is on, else a fresh group, else the last job of the longest group.
+models once and keeping its pipeline's encodings cache between jobs. Jobs that share their LoRAs
+and reference images (styles, subject and how they are encoded) form a group; a free worker takes
+the next job of the group it is on, else a fresh group, else the last job of the longest group.
 
 Everything else is `batch`'s: the output names, the finished check (resume, --overwrite), the
 call into the backend, the PNG writing, the failure reason and the progress lines. The driver
@@ -50,8 +50,9 @@ def import_ray():
 # -- which worker runs which job ---------------------------------------------------------------------
 
 def reference_key(job: Job) -> tuple:
-    """What a job's encodings depend on besides the prompt: jobs with the same key reuse them."""
-    return (tuple(job.styles), job.style_crop, job.subject, job.long_side)
+    """What a worker can reuse between jobs besides the models: the LoRAs on the transformer
+    (changing them re-fuses weights) and the style and subject encodings."""
+    return (tuple(job.loras), tuple(job.styles), job.style_crop, job.subject, job.long_side)
 
 
 class JobQueue:
