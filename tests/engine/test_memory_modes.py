@@ -353,3 +353,50 @@ def test_model_offload_pins_host_copies_only_within_the_budget(monkeypatch):
     pinned.clear()
     unbounded.setup(transformer, [vae])
     assert sorted(pinned) == sorted([vae.weight.numel(), transformer.weight.numel()])
+
+
+# -- sharing the device with a host (ComfyUI) ------------------------------------------------------
+
+def test_device_hooks_hear_each_step_before_it_runs_and_leave_the_latents_identical(bf16_latents):
+    from nodes.engine import EngineOptions
+
+    heard, asked = [], []
+    hooks = memory.DeviceHooks(before_use=lambda placement, modules: heard.append(list(modules)),
+                               available_bytes=lambda device: asked.append(device) or 0)
+    pipe = USOPipeline(build_random_models("tiny", dtype=torch.bfloat16),
+                       EngineOptions(device="cpu", precision="bf16"), hooks)
+    assert torch.equal(run(pipe), bf16_latents)
+    assert asked == []  # on the CPU the plan asks the host nothing (nothing moves)
+    names = {id(m): n for n, m in [("transformer", pipe.transformer), ("vae", pipe.vae), ("t5", pipe.t5),
+                                   ("clip", pipe.clip), ("siglip", pipe.siglip), ("projector", pipe.projector)]}
+    assert [[names[id(m)] for m in modules] for modules in heard] == [
+        ["transformer", "vae", "t5", "clip", "siglip", "projector"],   # "gpu" mode places all at load
+        ["siglip", "projector"], ["vae"], ["t5", "clip"], ["transformer"], ["vae"]]  # style, subject, prompt,
+    # sampling, decoding: each step announced once, with everything it runs, before it runs
+
+
+def test_a_host_releasing_one_model_leaves_the_other_where_it_is():
+    transformer, vae = _named("transformer"), _named("vae")
+    released = []
+    p = RecordingPlacement("model_offload", CUDA)
+    p.on_release = lambda modules: released.append([m.name for m in modules])
+    p.setup(transformer, [vae])
+    with p.using(transformer, keep=True):
+        pass
+    p.release([vae])                       # the host takes back the VAE's room, not the transformer's
+    assert p._onloaded is transformer and p.where["transformer"] == "gpu"
+    with p.using(transformer, keep=True):  # still there: no transfer
+        pass
+    assert p.log == [("on", "transformer"), ("off", "vae")] and released == [["vae"]]
+
+
+def test_streamed_modules_need_their_two_largest_groups_on_the_device():
+    pipe = make_pipeline(memory="group_offload")
+    groups: dict[str, int] = {}
+    for name, t in [*pipe.transformer.named_parameters(), *pipe.transformer.named_buffers()]:
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] in ("transformer_blocks", "single_transformer_blocks") else "rest"
+        groups[key] = groups.get(key, 0) + t.numel() * t.element_size()
+    assert pipe.placement.device_bytes(pipe.transformer) == sum(sorted(groups.values())[-2:])
+    assert pipe.placement.device_bytes(pipe.vae) == memory.module_bytes(pipe.vae)  # placed whole
+    assert pipe.placement.bytes_on_device(pipe.vae) == memory.module_bytes(pipe.vae)  # CPU: all of it
