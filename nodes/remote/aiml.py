@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import (Cancelled, DeadlineExceeded, ProviderError, RemoteError, RemoteTimeout,
-                     aiml_error_detail, redact)
+                     aiml_error_detail, in_user_terms, input_fix_hint, redact)
 from .hooks import Hooks
 from .keys import ApiKey
 from .transport import AIML_POST, NetworkFailure, Response, Transport
@@ -35,8 +35,11 @@ class AimlClient:
         self.base_url = base_url.rstrip("/")
         self.t = transport
         self.hooks = hooks
+        self.image_names: list[str] | None = None   # the user's name of each image_urls entry
 
-    def run(self, body: dict, timeout_s: float) -> AimlResult:
+    def run(self, body: dict, timeout_s: float, image_names: list[str] | None = None) -> AimlResult:
+        """POST and wait; `image_names` name the entries of image_urls in messages."""
+        self.image_names = image_names
         url = self.base_url + PATH
         deadline = time.monotonic() + timeout_s
         headers = {"Authorization": f"Bearer {self.key.secret.reveal()}"}  # requests adds Content-Type for JSON
@@ -83,7 +86,7 @@ class AimlClient:
 
     def _error(self, resp: Response, url: str) -> ProviderError:
         message, request_id = aiml_error_detail(resp.content)
-        message = redact(message, self.key.secret.parts())
+        message, named = in_user_terms(redact(message, self.key.secret.parts()), self.image_names)
         code = resp.status
         if code == 401:
             msg = (f"AIML rejected the API key from {self.key.source} (HTTP 401: {message}). Copy a valid key "
@@ -94,7 +97,7 @@ class AimlClient:
         elif code == 404:
             msg = f"AIML: no image endpoint at {url} (HTTP 404: {message}). Check {URL_ENV} if you set it."
         elif code in (400, 422):
-            msg = f"AIML rejected the input (HTTP {code}): {message}. Fix the named input(s) and run again."
+            msg = f"AIML rejected the input (HTTP {code}): {message}. {input_fix_hint(named)}"
         elif code == 429:
             msg = (f"AIML: rate limit (HTTP 429: {message}), still after one retry. Wait a few minutes (free-tier "
                    "keys have an hourly limit), then run again.")

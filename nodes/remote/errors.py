@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterable, Mapping
 
 
@@ -105,3 +106,49 @@ def aiml_error_detail(body: bytes) -> tuple[str, str | None]:
         return _short(json.dumps(data)), request_id
     text = body.decode("utf-8", "replace").strip()
     return (_short(text) if text else "empty response body"), None
+
+
+#: The providers' request fields under the names the user sets them by (node inputs; the command
+#: line's flags are the same words with dashes).
+USER_FIELD_NAMES = {
+    "num_inference_steps": "steps", "guidance_scale": "guidance", "image_size": "size (width/height)",
+    "enable_safety_checker": "safety_checker", "num_images": "num_images", "output_format": "output_format",
+    "negative_prompt": "negative_prompt", "prompt": "prompt", "seed": "seed", "keep_size": "keep_size",
+}
+_IMAGE_LIST = re.compile(r"\b(?:input_image_urls|image_urls)(?:\.(\d+)|\[(\d+)\])?")
+_FIELD = re.compile(r"\b(" + "|".join(sorted(USER_FIELD_NAMES, key=len, reverse=True)) + r")\b")
+
+
+def image_input_names(has_subject: bool, style_count: int, placeholder: bool) -> list[str]:
+    """What the user calls each entry of the provider's image list, in order."""
+    names = ["subject_image"] if has_subject else (["the empty subject slot"] if placeholder else [])
+    return names + [f"style_images (image {i + 1})" for i in range(style_count)]
+
+
+def in_user_terms(detail: str, image_names: list[str] | None) -> tuple[str, bool]:
+    """`detail` with the provider's field names replaced by the user's input names, and whether it
+    names any input at all."""
+    named = False
+
+    def image(m: re.Match) -> str:
+        nonlocal named
+        named = True
+        index = m.group(1) or m.group(2)
+        if index is None:
+            return "subject_image / style_images"
+        i = int(index)
+        return image_names[i] if image_names and i < len(image_names) else f"image {i + 1} of the list sent"
+
+    def field(m: re.Match) -> str:
+        nonlocal named
+        named = True
+        return USER_FIELD_NAMES[m.group(1)]
+
+    detail = _IMAGE_LIST.sub(image, detail)
+    detail = _FIELD.sub(field, detail)
+    return detail, named
+
+
+def input_fix_hint(named: bool) -> str:
+    return "Fix the named input(s) and run again." if named else \
+        "Check the prompt, the images and the size, steps and guidance, then run again."

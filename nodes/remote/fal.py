@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import (Cancelled, DeadlineExceeded, ProviderError, RemoteError, RemoteTimeout,
-                     fal_error_detail, redact)
+                     fal_error_detail, in_user_terms, input_fix_hint, redact)
 from .hooks import Hooks
 from .keys import ApiKey
 from .transport import (FAL_SUBMIT, ONCE, READ, READ_FINAL, USER_AGENT, NetworkFailure, Response,
@@ -25,6 +26,9 @@ RESULT_TIMEOUT = (10.0, 120.0)
 CANCEL_TIMEOUT = (3.0, 5.0)
 # How fal says the empty subject slot of a style-only request was not accepted.
 _PLACEHOLDER_ERROR_TYPES = {"file_download_error", "image_load_error", "invalid_url", "url_parsing"}
+#: Status answers that cannot be read (not JSON, no status) in a row before the job is given up:
+#: a proxy's error page or a truncated answer passes; one that stays means we cannot follow the job.
+MAX_UNREADABLE_STATUS = 5
 
 
 @dataclass(frozen=True)
@@ -56,16 +60,21 @@ class FalClient:
         self.t = transport
         self.hooks = hooks
         self.poll_interval_s = poll_interval_s
+        self.image_names: list[str] | None = None   # the user's name of each input_image_urls entry
 
     # -- public ---------------------------------------------------------------------------------
 
-    def run(self, body: dict, timeout_s: float) -> FalResult:
-        """Submit, wait, return the result JSON. Cancel and timeout also cancel the fal job."""
+    def run(self, body: dict, timeout_s: float, image_names: list[str] | None = None) -> FalResult:
+        """Submit, wait, return the result JSON. Cancel and timeout also cancel the fal job.
+        `image_names` name the entries of input_image_urls in messages (subject_image, ...)."""
         deadline = time.monotonic() + timeout_s
+        self.image_names = image_names
         try:
             return self._run_once(body, timeout_s, deadline)
         except _PlaceholderRejected as exc:
+            # Refused at submit (fal checks URLs there) or by the job's result: resend without it.
             urls = body["input_image_urls"][1:]
+            self.image_names = image_names[1:] if image_names else None
             note = (f"fal did not accept an empty subject slot for a style-only request ({exc.detail}); "
                     "ran it again with the style images only, so the first style image also fills the "
                     "subject/content slot and shapes the layout")
@@ -93,8 +102,7 @@ class FalClient:
         except RemoteError:
             self._cancel(job)  # we can no longer follow the job; don't let it run on unseen
             raise
-        placeholder = body["input_image_urls"][:1] == [""] and len(body["input_image_urls"]) > 1
-        return self._result(job, status, placeholder)
+        return self._result(job, status, _has_placeholder(body))
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Key {self.key.secret.reveal()}"}  # requests adds Content-Type for JSON
@@ -121,6 +129,9 @@ class FalClient:
                               f"({f.host}); {sure}. Check your internet connection or proxy"
                               f"{self._url_hint()}, then run again.") from None
         if not resp.ok:
+            refusal = self._placeholder_refusal(resp, _has_placeholder(body))
+            if refusal is not None:
+                raise refusal
             raise self._error(resp, "submit")
         job = self._job(resp)
         if job is None:
@@ -150,6 +161,7 @@ class FalClient:
     def _poll(self, job: FalJob, started: float, deadline: float) -> dict:
         active_since: float | None = None
         queued_for = 0.0
+        unreadable = 0
         while True:
             try:
                 resp = self.t.send("GET", job.status_url, policy=READ, timeout=STATUS_TIMEOUT,
@@ -162,8 +174,22 @@ class FalClient:
             if not resp.ok:
                 raise self._error(resp, "status", job)
             status = resp.json()
-            if not isinstance(status, dict):
-                status = {}
+            if not isinstance(status, dict) or not isinstance(status.get("status"), str):
+                # Not an answer about the job (a proxy's page, a cut-off body): ask again, a few
+                # times; never take it for "finished" (the result would be "still in progress").
+                unreadable += 1
+                text = " ".join(resp.content[:120].decode("utf-8", "replace").split()) or "an empty body"
+                if unreadable >= MAX_UNREADABLE_STATUS:
+                    raise RemoteError(
+                        f"fal: the status of request {job.request_id} could not be read {unreadable} times in a "
+                        f"row (HTTP {resp.status}, not a fal status: '{redact(text, self.key.secret.parts())}'); "
+                        f"the job was cancelled so it does not run on unseen. Run again; if it repeats, check "
+                        f"your proxy{self._url_hint()}.")
+                self.hooks.report(f"fal: the status answer could not be read ({unreadable} of "
+                                  f"{MAX_UNREADABLE_STATUS}); asking again")
+                self.t.sleep(self.poll_interval_s, deadline)
+                continue
+            unreadable = 0
             state = status.get("status")
             now = time.monotonic()
             elapsed = now - started
@@ -204,10 +230,9 @@ class FalClient:
                               f"({f.host}) after {f.attempts} attempts (request_id={job.request_id}). "
                               "Check your connection and run again.") from None
         if not resp.ok:
-            detail, error_type = fal_error_detail(resp.content, resp.headers)
-            if placeholder and resp.status in (400, 422) and (
-                    "input_image_urls" in detail or error_type in _PLACEHOLDER_ERROR_TYPES):
-                raise _PlaceholderRejected(redact(detail, self.key.secret.parts()))
+            refusal = self._placeholder_refusal(resp, placeholder)
+            if refusal is not None:
+                raise refusal
             raise self._error(resp, "result", job, status_error)
         data = resp.json()
         if not isinstance(data, dict):
@@ -245,13 +270,23 @@ class FalClient:
 
     # -- errors ---------------------------------------------------------------------------------
 
+    def _placeholder_refusal(self, resp: Response, placeholder: bool) -> _PlaceholderRejected | None:
+        """fal refusing the empty subject slot of a style-only request (HTTP 400/422 about entry 0
+        of input_image_urls, or a download / URL error type), at submit or from the result."""
+        if not placeholder or resp.status not in (400, 422):
+            return None
+        detail, error_type = fal_error_detail(resp.content, resp.headers)
+        about_slot = "input_image_urls.0" in detail or (
+            error_type in _PLACEHOLDER_ERROR_TYPES and not re.search(r"input_image_urls\.[1-9]", detail))
+        return _PlaceholderRejected(redact(detail, self.key.secret.parts())) if about_slot else None
+
     def _url_hint(self) -> str:
         return f" and {QUEUE_URL_ENV}" if self.base_url != DEFAULT_QUEUE_URL else ""
 
     def _error(self, resp: Response, stage: str, job: FalJob | None = None,
                status_error: str | None = None) -> ProviderError:
         detail, error_type = fal_error_detail(resp.content, resp.headers)
-        detail = redact(detail, self.key.secret.parts())
+        detail, named = in_user_terms(redact(detail, self.key.secret.parts()), self.image_names)
         code = resp.status
         kind = f"HTTP {code}" + (f", {error_type}" if error_type else "")
         lower = detail.lower()
@@ -268,7 +303,7 @@ class FalClient:
         elif code == 404:
             msg = f"fal: request not found ({kind}: {detail}); it expired or the model id is wrong. Run again."
         elif code in (400, 422):
-            msg = f"{failed}fal rejected the input ({kind}): {detail}. Fix the named input(s) and run again."
+            msg = f"{failed}fal rejected the input ({kind}): {detail}. {input_fix_hint(named)}"
         elif code == 429:
             msg = (f"fal: rate or concurrency limit ({kind}: {detail}), still after several retries. Wait a "
                    "minute or run fewer jobs at once, then run again.")
@@ -287,6 +322,12 @@ class FalClient:
         if rid:
             msg += f" (request_id={rid})"
         return ProviderError(msg, code, rid)
+
+
+def _has_placeholder(body: dict) -> bool:
+    """A style-only request with the reference's empty subject slot first."""
+    urls = body.get("input_image_urls") or []
+    return urls[:1] == [""] and len(urls) > 1
 
 
 def _same_origin(url: str, base: str) -> bool:

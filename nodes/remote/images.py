@@ -8,7 +8,7 @@ import math
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import InputProblem, ProviderError
 
@@ -96,7 +96,15 @@ def item_bytes(item: object, download: Callable[[str], bytes]) -> bytes:
 
 
 def to_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # PIL's own text names a Python object ("<_io.BytesIO object at 0x...>"); say what came.
+        head = data[:60].decode("utf-8", "replace")
+        printable = head.strip() and all(c.isprintable() or c.isspace() for c in head)
+        raise ValueError(f"it is not an image file ({len(data)} bytes"
+                         + (f", starting '{' '.join(head.split())}'" if printable else "") + ")") from None
+    with opened as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from . import aiml, fal
-from .errors import RemoteError, redact
+from .errors import RemoteError, image_input_names, redact
 from .hooks import Hooks
 from .images import decode_results, frames, to_data_uri
 from .keys import ApiKey, resolve_key
@@ -118,6 +118,7 @@ def generate(inputs: RemoteInputs, *, user_dir: str | None, hooks: Hooks = Hooks
                              [to_data_uri(s) for s in styles])
     warnings.extend(notes)
     req = replace(req, image_urls=tuple(urls))
+    image_names = image_input_names(bool(subject), len(styles), placeholder=bool(urls) and urls[0] == "")
     for w in warnings:
         log.warning("USO remote: %s", w)
     if warnings:
@@ -129,12 +130,12 @@ def generate(inputs: RemoteInputs, *, user_dir: str | None, hooks: Hooks = Hooks
     started = time.monotonic()
     if provider == "fal":
         client = fal.FalClient(key, base_url, transport, hooks, settings.poll_interval_s)
-        fal_result = client.run(fal_body(req), timeout_s)
+        fal_result = client.run(fal_body(req), timeout_s, image_names)
         data, items, request_id = fal_result.data, fal_result.data["images"], fal_result.request_id
         warnings.extend(fal_result.warnings)
         name = "fal"
     else:
-        aiml_result = aiml.AimlClient(key, base_url, transport, hooks).run(aiml_body(req), timeout_s)
+        aiml_result = aiml.AimlClient(key, base_url, transport, hooks).run(aiml_body(req), timeout_s, image_names)
         data, items, request_id = aiml_result.data, aiml_result.items, aiml_result.request_id
         name = "AIML"
 

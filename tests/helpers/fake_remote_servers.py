@@ -201,13 +201,16 @@ class FakeFal(_FakeServer):
     normal answer of that endpoint; `submit_drops` closes that many submit connections without
     an answer; `queue_polls`/`progress_polls` shape the job; `never_finish` keeps it running
     until cancelled; `job_error` = (status, body, status_error) makes the job fail behind
-    COMPLETED; `reject_empty_content` refuses "" as the subject slot.
+    COMPLETED; `reject_empty_content` refuses "" as the subject slot (from the job's result, and
+    with `reject_empty_content_at_submit` at submit, as fal's URL check does); `status_garbage`
+    answers that many status polls with a page that is not JSON (a proxy's error page).
     """
 
     def __init__(self, *, key: str = "fake-key-id:fake-key-secret", submit_errors=(), submit_drops: int = 0,
                  status_errors=(), result_errors=(), download_errors=(), queue_polls: int = 2,
                  queue_start: int = 3, progress_polls: int = 1, never_finish: bool = False,
                  job_error: tuple | None = None, reject_empty_content: bool = False,
+                 reject_empty_content_at_submit: bool = False, status_garbage: int = 0,
                  nsfw: list[bool] | None = None, delivery: str = "url", result_sizes: list | None = None,
                  picked_seed: int = 2**63 + 12345, foreign_urls: bool = False, max_lifetime_s: float = 30.0):
         super().__init__(max_lifetime_s)
@@ -223,6 +226,8 @@ class FakeFal(_FakeServer):
         self.never_finish = never_finish
         self.job_error = job_error
         self.reject_empty_content = reject_empty_content
+        self.reject_empty_content_at_submit = reject_empty_content_at_submit
+        self.status_garbage = status_garbage
         self.nsfw = nsfw
         self.delivery = delivery
         self.result_sizes = result_sizes
@@ -270,6 +275,10 @@ class FakeFal(_FakeServer):
         if not isinstance(body, dict):
             return _json(422, {"detail": [{"loc": ["body"], "msg": "Input should be a valid dictionary",
                                            "type": "dict_type"}]})
+        urls = body.get("input_image_urls")
+        if self.reject_empty_content_at_submit and isinstance(urls, list) and urls[:1] == [""]:
+            return _json(422, {"detail": [{"loc": ["body", "input_image_urls", 0], "msg": "Input should be a valid URL",
+                                           "type": "url_parsing", "input": ""}]})
         rid = str(uuid.uuid4())
         self.jobs[rid] = FalJob(rid, body)
         base = ("https://queue.fal.run" if self.foreign_urls else self.url) + f"/fal-ai/uso/requests/{rid}"
@@ -290,6 +299,11 @@ class FakeFal(_FakeServer):
         injected = self._pop(self.status_errors)
         if injected:
             return _json(*injected)
+        with self._lock:
+            garbage = self.status_garbage > 0
+            self.status_garbage -= garbage
+        if garbage:
+            return 200, {"Content-Type": "text/html"}, b"<html><body>502 Bad Gateway</body></html>"
         with self._lock:
             state = self._state(job)
             position = max(0, self.queue_start - job.polls)

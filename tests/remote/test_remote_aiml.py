@@ -115,7 +115,8 @@ def test_validation_error_400(remote_env, monkeypatch):
     with aiml_server(monkeypatch, errors=[FakeAiml.error(400, "Body validation error: image_urls.0: Invalid url")]):
         with pytest.raises(ProviderError) as err:
             run_node(provider="aiml")
-    assert str(err.value) == ("AIML rejected the input (HTTP 400): Body validation error: image_urls.0: Invalid "
+    # In the user's terms: image_urls.0 is the subject_image input.
+    assert str(err.value) == ("AIML rejected the input (HTTP 400): Body validation error: subject_image: Invalid "
                               "url. Fix the named input(s) and run again. (AIML requestId=aiml-req-1)")
 
 

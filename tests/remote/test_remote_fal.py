@@ -113,6 +113,62 @@ def test_style_only_falls_back_when_fal_rejects_the_empty_slot(remote_env, monke
     assert "fal did not accept an empty subject slot" in remote_env[-1]
 
 
+def test_style_only_falls_back_when_fal_refuses_the_empty_slot_at_submit(remote_env, monkeypatch):
+    # fal checks URLs when the job is submitted: HTTP 422 "input_image_urls.0: Input should be a valid URL".
+    with fal_server(monkeypatch, reject_empty_content_at_submit=True) as fal:
+        images, _ = run_node(subject_image=None, style_images=image(batch=2))
+        posts = fal.calls("POST")
+        assert len(fal.jobs) == 1                      # only the resent request became a job
+    assert [len(p.json["input_image_urls"]) for p in posts] == [3, 2]
+    assert posts[1].json["input_image_urls"] == posts[0].json["input_image_urls"][1:]
+    assert images.shape[0] == 1
+    assert "fal did not accept an empty subject slot" in remote_env[-1]
+
+
+def test_a_refused_style_image_is_named_as_the_user_knows_it(remote_env, monkeypatch):
+    detail = [{"loc": ["body", "input_image_urls", 2], "msg": "Input should be a valid URL", "type": "url_parsing"}]
+    with fal_server(monkeypatch, submit_errors=[(422, {"detail": detail})]) as fal:
+        with pytest.raises(ProviderError) as err:
+            run_node(style_images=image(batch=2))
+        assert len(fal.calls("POST")) == 1              # a subject was given: nothing to resend
+    message = str(err.value)
+    assert "style_images (image 2): Input should be a valid URL" in message and "input_image_urls" not in message
+    assert "Fix the named input(s)" in message
+
+
+def test_an_unreadable_status_is_asked_again_not_taken_as_finished(remote_env, monkeypatch):
+    with fal_server(monkeypatch, status_garbage=3, queue_polls=1, progress_polls=1) as fal:
+        images, _ = run_node()
+        rid = next(iter(fal.jobs))
+        results = [r for r in fal.calls("GET", rid) if not r.path.endswith("/status")]
+    assert images.shape[0] == 1
+    assert len(results) == 1                            # the result was fetched once, when finished
+    assert "fal: the status answer could not be read (1 of 5); asking again" in remote_env.text()
+
+
+def test_a_status_that_stays_unreadable_cancels_the_job_and_says_so(remote_env, monkeypatch):
+    with fal_server(monkeypatch, status_garbage=100) as fal:
+        with pytest.raises(RemoteError) as err:
+            run_node()
+        rid = next(iter(fal.jobs))
+        assert fal.cancel_seen.is_set() and fal.jobs[rid].cancelled
+        assert not [r for r in fal.calls("GET", rid) if not r.path.endswith("/status")]  # no result fetch
+    message = str(err.value)
+    assert f"the status of request {rid} could not be read 5 times in a row" in message
+    assert "502 Bad Gateway" in message and "the job was cancelled" in message
+    assert "still in progress" not in message
+
+
+def test_an_undecodable_result_image_is_described_not_shown_as_a_python_object(remote_env, monkeypatch):
+    with fal_server(monkeypatch, download_errors=[(200, {"error": "not an image"})] * 5):
+        with pytest.raises(ProviderError) as err:
+            run_node()
+    message = str(err.value)
+    assert "result image 1 of 1 could not be read: it is not an image file (" in message
+    assert "starting '{\"error\": \"not an image\"}'" in message
+    assert "BytesIO" not in message and " at 0x" not in message
+
+
 def test_foreign_status_urls_are_not_followed(remote_env, monkeypatch):
     """The key goes with the status/result/cancel URLs, so they must stay on the configured host."""
     with fal_server(monkeypatch, foreign_urls=True) as fal:
@@ -197,8 +253,8 @@ def test_job_failing_behind_completed_with_validation_detail_list(remote_env, mo
         rid = next(iter(fal.jobs))
         assert len(fal.calls("GET", rid)) >= 2
     assert str(err.value) == (
-        "fal: the job failed: fal rejected the input (HTTP 422): input_image_urls.1: Could not load the image "
-        "(image_load_error); guidance_scale: Input should be less than or equal to 10 (less_than_equal). Fix the "
+        "fal: the job failed: fal rejected the input (HTTP 422): style_images (image 1): Could not load the image "
+        "(image_load_error); guidance: Input should be less than or equal to 10 (less_than_equal). Fix the "
         "named input(s) and run again. fal's status said: Input validation failed. "
         f"(request_id={rid})")
 
@@ -210,7 +266,8 @@ def test_job_failing_with_string_detail_and_error_type(remote_env, monkeypatch):
             run_node()
         rid = next(iter(fal.jobs))
     assert str(err.value) == ("fal: the job failed: fal rejected the input (HTTP 422, image_too_large): Image too "
-                              "large: max 4096x4096. Fix the named input(s) and run again. "
+                              "large: max 4096x4096. Check the prompt, the images and the size, steps and "
+                              "guidance, then run again. "  # no input named: no "fix the named input(s)"
                               f"(request_id={rid})")
 
 
