@@ -80,7 +80,7 @@ def test_subject_preprocessing_sizes_and_reference(w, h, long_side, mode, seed):
 @example(w=1, h=1, long_side=784)
 @example(w=300, h=200, long_side=512)
 def test_keep_size_output_is_a_valid_size_or_a_clear_error(w, h, long_side):
-    """keep_size = 2x the preprocessed subject at the 1024 scale: multiples of 16 in range, or an
+    """keep_size = the preprocessed subject x 1024 / long_side: multiples of 16 in range, or an
     InputError that names the side (an extreme aspect at a large long_side)."""
     img = _image(w, h, "RGB", 0)
     try:
