@@ -4,6 +4,7 @@ shared by the tests of this file (each run starts its own 2 worker processes in 
 - 2 workers write the same files, byte for byte, as one process;
 - a worker killed in the middle of a job: the job runs again on another worker, one output file;
 - a job that raises and a corrupt input image: reported by their manifest line, the others finish;
+- a job that kills every worker it runs on: failed after 3 tries (each worker replaced), the rest done;
 - Ctrl-C (SIGINT) to a driver subprocess: exit 130, the workers' processes stopped;
 - a driver killed (SIGKILL) and run again: finished outputs skipped, the rest done;
 - --ray without Ray installed: a message naming the install command, exit 2.
@@ -160,6 +161,38 @@ def test_a_worker_killed_mid_job_its_job_runs_again_elsewhere_one_output(ray_add
         reference = batch.run_jobs(jobs[:1], make, str(tmp_path / "one"), "tiny")
     assert (tmp_path / "one" / "0001_long_11.png").read_bytes() == (tmp_path / "out" / "0001_long_11.png").read_bytes()
     assert reference[0].status == "done"
+
+
+class _CrashingTiny:
+    """The tiny backend, except that a job whose prompt is 'crash' ends its worker's process
+    (as a segfault or the kernel's OOM killer would)."""
+
+    def __init__(self):
+        self.uso = api.load(tiny=True)
+
+    def generate(self, prompt=None, **kwargs):
+        if prompt == "crash":
+            os._exit(1)
+        return self.uso.generate(prompt, **kwargs)
+
+
+def _crashing_tiny():
+    return _CrashingTiny()
+
+
+def test_a_job_that_kills_every_worker_it_runs_on_fails_after_three_tries(ray_address, tmp_path):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the workers cannot import tests/
+    rows = [{"prompt": "crash", "seed": 1}, {"prompt": "fine", "seed": 2}]
+    jobs = cli.jobs_for({}, str(write_manifest(tmp_path / "jobs.jsonl", rows)), "tiny")
+    progress = Lines(len(jobs))
+    outcomes = ray_runner.run_on_ray(jobs, _crashing_tiny, str(tmp_path / "out"), "tiny", workers=2,
+                                     progress=progress)
+    assert [o.status for o in outcomes] == ["failed", "done"], progress.lines
+    assert outcomes[0].error == "its Ray worker died 3 times while running it"
+    assert sum("died while running jobs.jsonl line 1" in ln for ln in progress.lines) == 2
+    assert os.listdir(tmp_path / "out") == ["0002_fine_2.png"]
 
 
 def _tiny_loader():
