@@ -1,6 +1,8 @@
 """USO Load LoRA: a FLUX.1-dev LoRA of the user's on top of the USO LoRA (thin adapter, chainable)."""
 from __future__ import annotations
 
+import os
+
 from . import bridge
 from .encode_nodes import require_model
 from ..engine import InputError, USOError
@@ -32,6 +34,15 @@ class USOLoraLoader:
                                        "tooltip": "How much of the LoRA to add (1.0 as trained; 0 = off)."}),
             },
         }
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, **_ignored):
+        """Run again when the LoRA file changes on disk (size or modification time)."""
+        try:
+            stat = os.stat(bridge.resolve_model_path(LORA_FOLDER, lora_name))
+        except (ValueError, OSError, TypeError):
+            return ""
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
 
     def load(self, uso_model, lora_name, strength=1.0):
         pipeline = require_model(uso_model)

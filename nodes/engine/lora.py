@@ -254,7 +254,7 @@ def set_user_loras(transformer: nn.Module, key: tuple, entries: list[tuple[LoraP
     return True
 
 
-@torch.no_grad()
+@torch.inference_mode()  # also when the weights were placed inside inference mode
 def _fuse_user(transformer: nn.Module, state: LoraState, entries) -> None:
     for module, group in _by_module(entries).items():
         weight = _base_linear(transformer, module).weight
@@ -279,7 +279,7 @@ def _adapt_user(transformer: nn.Module, state: LoraState, entries, device, dtype
         state._adapted.append(module)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _remove_user(transformer: nn.Module, state: LoraState) -> None:
     if state.user_fused:
         grouped = _by_module(state.user)
