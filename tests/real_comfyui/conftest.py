@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,9 @@ def comfy_stage(tmp_path_factory, tiny_models):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = tmp_path_factory.mktemp("real_comfyui")
     comfy_dir = root / "comfyui"
+    t0 = time.perf_counter()
     rc.setup_comfyui(comfy_dir, rc.DEFAULT_BASE_VENV, root / "state_setup")
+    print(f"\n[stage] ComfyUI set up in {comfy_dir} in {time.perf_counter() - t0:.1f} s")
     link = comfy_dir / "custom_nodes" / rc.PACK_NAME
     link.symlink_to(rc.PACK_ROOT, target_is_directory=True)
     # The tiny models under the names the workflows use (tiny_models writes a ComfyUI models/ tree).
@@ -65,7 +68,9 @@ def comfy_stage(tmp_path_factory, tiny_models):
     # Native nodes load ae.safetensors too (VAE Loader -> VAE Encode in uso_restyle_latent); the tiny
     # workflows take their own VAE from the checkpoint.
     (comfy_dir / "models" / "vae" / "ae.safetensors").unlink()
+    t0 = time.perf_counter()
     rc.write_native_flux_vae(comfy_dir / "models" / "vae" / "ae.safetensors")
+    print(f"[stage] native-loadable FLUX VAE written in {time.perf_counter() - t0:.1f} s")
     (comfy_dir / "input").mkdir(exist_ok=True)
     for name in sorted(rc.workflow_image_names()):
         w, h = rc.IMAGE_SIZES.get(name, (96, 72))
@@ -87,6 +92,7 @@ def comfy_stage(tmp_path_factory, tiny_models):
 def _started(server: rc.ComfyServer, request) -> rc.ComfyServer:
     request.addfinalizer(server.stop)
     server.start()
+    print(f"\n[stage] ComfyUI {server.state_dir.name} up on port {server.port} in {server.start_seconds:.1f} s")
     return server
 
 
@@ -103,12 +109,15 @@ def bare_comfy(comfy_stage, request):
 @pytest.fixture(scope="session")
 def comfy_venv(comfy_stage):
     """A copy of ComfyUI's venv with the pack's requirements installed (torch pinned)."""
+    t0 = time.perf_counter()
     venv = rc.clone_venv(comfy_stage.base_venv, comfy_stage.root / "venv")
     torch_before = rc.package_version(venv, "torch")
     requirements = comfy_stage.pack_link / "requirements.txt"
     rc.pip_install_requirements([str(rc.venv_python(venv)), "-m", "pip", "install", "-r", str(requirements)],
                                 venv, comfy_stage.root / "constraints")
     assert rc.package_version(venv, "torch") == torch_before
+    print(f"\n[stage] pack requirements installed into a copy of ComfyUI's venv in {time.perf_counter() - t0:.1f} s "
+          f"(torch {torch_before} kept)")
     return venv
 
 
