@@ -9,10 +9,11 @@ job (as a manifest of one look would), distinct prompts and seeds. Measures, on 
 - one process (`batch.run_jobs`, the command line without --ray): seconds per job after the models
   are loaded;
 - a local Ray cluster started for the run with 1 and then 2 CPU workers (`ray_runner.run_on_ray`,
-  each worker with its share of the CPUs): the whole run (cluster start, workers loading the
-  models, the jobs) and the steady rate once every worker is ready;
-- the overhead Ray adds per job: 1-worker steady seconds per job minus one-process seconds per job
-  (same CPU threads).
+  each worker with --threads CPUs, as the one process): the whole run (cluster start, workers
+  loading the models, the jobs) and the steady rate once every worker is ready;
+- the overhead Ray adds per job, with 1 worker: the driver's gap between two completions minus
+  the job's own time on the worker (dispatch, the image coming back, the driver writing the PNG),
+  median over the jobs.
 
 Prints a table and a JSON line, with the load average before and after (other work on the
 machine slows every figure).
@@ -55,6 +56,7 @@ class _Clock(batch.Progress):
         super().__init__(total, enabled=False)
         self.ready: list[float] = []
         self.done: list[float] = []
+        self.done_tags: list[int] = []      # job positions (1-based), in completion order
 
     def line(self, text):
         now = time.monotonic()
@@ -62,6 +64,7 @@ class _Clock(batch.Progress):
             self.ready.append(now)
         elif "] done in " in text:
             self.done.append(now)
+            self.done_tags.append(int(text[1:text.index("/")]))
 
 
 def _manifest(folder: str, args) -> str:
@@ -90,13 +93,19 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads of the one process and of each Ray worker (the local cluster gets "
+                        "workers x threads CPUs); 1 keeps a shared machine's load from stalling multi-threaded "
+                        "steps")
     args = p.parse_args(argv)
     import ray
 
     make = functools.partial(random_backend, args.size)
+    import torch
+
+    torch.set_num_threads(args.threads)
     result = {"size": args.size, "jobs": args.jobs, "width": args.width, "height": args.height,
-              "steps": args.steps, "cpus": args.cpus, "load_before": _load()}
+              "steps": args.steps, "threads": args.threads, "load_before": _load()}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = jobs_for({}, _manifest(tmp, args), "tiny")
 
@@ -115,7 +124,7 @@ def main(argv=None) -> int:
 
         for n in args.workers:
             started = time.monotonic()
-            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=n * args.threads, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, object_store_memory=200 * 1024 ** 2)
             init_s = time.monotonic() - started
             clock = _Clock(len(jobs))
@@ -130,18 +139,23 @@ def main(argv=None) -> int:
             # workers (robust to the other work on a shared machine), and the plain mean
             gaps = np.diff([last_ready] + after)
             steady_s = float(np.median(gaps)) if len(gaps) else float("nan")
-            result[f"ray_{n}"] = {"cluster_start_s": round(init_s, 2), "total_s": round(total_s, 2),
+            # Ray's own cost per job: the driver's gap between completions minus the job's time on
+            # the worker (dispatch, image transfer, driver-side PNG write), with 1 worker
+            worker_s = {i + 1: o.seconds for i, o in enumerate(outcomes)}
+            overhead = float(np.median([g - worker_s[t] for g, t in zip(gaps, clock.done_tags[-len(gaps):])])) \
+                if len(gaps) else float("nan")
+            result[f"ray_{n}"] = {"overhead_s_per_job": round(overhead, 4),"cluster_start_s": round(init_s, 2), "total_s": round(total_s, 2),
                                   "workers_ready_s": round(last_ready - started, 2),
                                   "jobs_after_ready": len(after), "s_per_job": round(steady_s, 4),
                                   "jobs_per_min": round(60 / steady_s, 1),
                                   "jobs_per_min_mean": round(60 * len(after) / (after[-1] - last_ready), 1),
                                   "jobs_per_min_whole_run": round(60 * len(jobs) / total_s, 1)}
     if "ray_1" in result:
-        result["overhead_s_per_job"] = round(result["ray_1"]["s_per_job"] - result["one_process"]["s_per_job"], 4)
+        result["overhead_s_per_job"] = result["ray_1"]["overhead_s_per_job"]
     result["load_after"] = _load()
 
     print(f"{args.size}: {args.jobs} jobs of {args.width}x{args.height}, {args.steps} steps, one style; "
-          f"{args.cpus} CPUs; load average before {result['load_before']}, after {result['load_after']}")
+          f"{args.threads} thread(s) per process / worker; {os.cpu_count()} cores; load average before {result['load_before']}, after {result['load_after']}")
     one = result["one_process"]
     print(f"  one process      : {one['jobs_per_min']:8.1f} jobs/min (median {one['s_per_job']:.3f} s/job; mean "
           f"{one['jobs_per_min_mean']:.1f} jobs/min; models loaded in {one['load_s']:.1f} s)")
@@ -153,8 +167,8 @@ def main(argv=None) -> int:
               f"{r['jobs_per_min_whole_run']:.1f} jobs/min (cluster start {r['cluster_start_s']:.1f} s, "
               f"workers ready after {r['workers_ready_s']:.1f} s)")
     if "overhead_s_per_job" in result:
-        print(f"  Ray overhead per job (1 worker's median gap minus one process's median job): "
-              f"{result['overhead_s_per_job'] * 1000:.0f} ms")
+        print(f"  Ray overhead per job (1 worker: driver's gap between completions minus the job's time on "
+              f"the worker, median): {result['overhead_s_per_job'] * 1000:.0f} ms")
     print(json.dumps(result))
     return 0
 

@@ -278,6 +278,7 @@ def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str
                                 dispatch(other)
                                 break
                     continue
+                dispatch(w)      # the worker's next job runs while the driver writes this one's PNGs
                 if value["status"] == "done":
                     paths = value["paths"] if write_on_workers else \
                         batch.save_outputs(value["result"], planned[job.index], job)
@@ -285,7 +286,6 @@ def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str
                 else:
                     finish(batch.Outcome(job, "failed", planned[job.index], value["error"], value["seconds"]),
                            value["traceback"] if tracebacks else "")
-                dispatch(w)
             if not pool and len(queue):
                 for job in _drain(queue):
                     finish(batch.Outcome(job, "failed", planned[job.index], "every Ray worker died"))
