@@ -31,7 +31,7 @@ from .manifest import Job
 
 MAX_ATTEMPTS = 3
 RAY_MISSING = ("--ray needs Ray, which is not installed in this Python environment. Install it with "
-               "pip install \"ray>=2.60\" (or, in the pack folder, pip install \".[ray]\"), or run without --ray.")
+               "pip install \"ray>=2.60\" (in the Python that runs this command), or run without --ray.")
 _PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
