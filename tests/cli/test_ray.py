@@ -1,7 +1,7 @@
 """Manifests over Ray (`--ray`, `api.run_manifest(ray=...)`) on a local cluster of 2 CPU workers,
 shared by the tests of this file (each run starts its own 2 worker processes in it):
 
-- 2 workers write the same files, byte for byte, as one process;
+- 2 workers loading model files write the same files, byte for byte, as one process;
 - a worker killed in the middle of a job: the job runs again on another worker, one output file;
 - a job that raises and a corrupt input image: reported by their manifest line, the others finish;
 - a job that kills every worker it runs on: failed after 3 tries (each worker replaced), the rest done;
@@ -85,7 +85,7 @@ class Lines(batch.Progress):
 
 # -- same bytes from any worker ------------------------------------------------------------------------
 
-def test_two_workers_write_the_same_files_as_one_process(ray_address, tmp_path, capsys):
+def test_two_workers_write_the_same_files_as_one_process(ray_address, tiny_models, tmp_path, capsys):
     pics = tmp_path / "pics"
     pics.mkdir()
     write_image(pics / "ink.png", 60, 40, 1)
@@ -98,10 +98,16 @@ def test_two_workers_write_the_same_files_as_one_process(ray_address, tmp_path, 
             {"prompt": "ink fox", "styles": ["ink.png"], "seed": 6}]
     jobs = write_manifest(pics / "jobs.jsonl", rows)
 
+    # model files as a user gives them (the workers load them from the paths the driver resolved)
+    p = tiny_models.paths
+    models = ["--transformer", p["flux_bfl"], "--vae", p["ae"], "--t5", p["t5_fp16"], "--clip-l", p["clip_l"],
+              "--siglip", p["siglip_file"], "--uso-lora", p["lora_comfy"], "--projector", p["projector_comfy"],
+              "--tokenizers", p["tokenizer_t5"].parent, "--width", 64, "--height", 64, "--steps", 3,
+              "--long-side", 64, "--manifest", jobs]
     with one_thread():
-        assert cli.main(["--tiny", "--manifest", str(jobs), "--out", str(tmp_path / "one")]) == 0
-    assert cli.main(["--tiny", "--manifest", str(jobs), "--out", str(tmp_path / "ray"), "--ray", ray_address,
-                     "--ray-workers", "2", "--verbose"]) == 0
+        assert cli.main([str(a) for a in models + ["--out", tmp_path / "one"]]) == 0
+    assert cli.main([str(a) for a in models + ["--out", tmp_path / "ray", "--ray", ray_address,
+                                                "--ray-workers", "2", "--verbose"]]) == 0
     out = capsys.readouterr().out
     assert len(re.findall(r"Ray: worker \d \(.*\) ready", out)) == 2
     assert "Summary: 6 jobs: 6 done (7 images), 0 skipped, 0 failed" in out
