@@ -147,6 +147,11 @@ EXPECTED_PATHS = {
     "projector_original": "models/model_patches/uso_flux_v1.0/projector.safetensors",
     "tokenizer_clip": "tokenizers/clip_l",
     "tokenizer_t5": "tokenizers/t5",
+    "user_lora_kohya": "models/loras/my_flux_lora_kohya.safetensors",
+    "user_lora_comfyui": "models/loras/my_flux_lora_comfyui.safetensors",
+    "user_lora_xlabs": "models/loras/my_flux_lora_xlabs.safetensors",
+    "user_lora_diffusers": "models/loras/my_flux_lora_diffusers.safetensors",
+    "user_lora_second": "models/loras/my_second_flux_lora.safetensors",
 }
 
 
@@ -703,3 +708,29 @@ def test_weights_are_deterministic(tiny_models, tmp_path):
     state_before = torch.random.get_rng_state()
     T.make_image(8, 8, 0)
     assert torch.equal(state_before, torch.random.get_rng_state())
+
+
+def test_user_loras_hold_the_real_key_layouts_and_their_truth(tiny_models):
+    """The tiny user LoRAs are written with each layout's real key names, and their (down, up,
+    scale) truth is what the files hold (the hand merges of the LoRA tests rely on it)."""
+    from safetensors import safe_open
+
+    def read(fmt):
+        with safe_open(str(tiny_models.paths[f"user_lora_{fmt}"]), "pt") as f:
+            return {k: f.get_tensor(k).float() for k in f.keys()}, f.metadata()
+
+    kohya, _ = read("kohya")
+    down, up, scale = tiny_models.user_loras["kohya"]["parts"]["double_blocks.0.img_attn.qkv"]
+    assert torch.equal(kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], down)
+    assert torch.equal(kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], up)
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() / down.shape[0] == scale
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in kohya)
+    comfy, _ = read("comfyui")
+    assert all(k.startswith("diffusion_model.") for k in comfy)
+    assert "diffusion_model.single_blocks.0.linear1.lora_down.weight" in comfy
+    xlabs, _ = read("xlabs")
+    assert "double_blocks.1.processor.qkv_lora2.up.weight" in xlabs and not any("alpha" in k for k in xlabs)
+    diff, meta = read("diffusers")
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight" in diff
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 2 * down.shape[0]
+    assert tiny_models.user_loras["diffusers"]["parts"]["x_embedder"][2] == 2.0
