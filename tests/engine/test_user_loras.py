@@ -167,13 +167,22 @@ def test_stacking_order_does_not_change_the_image(tiny_models, fused_pipe):
 
 
 @pytest.mark.parametrize("lora_mode", ["fused", "unfused"])
-def test_changing_loras_reuses_the_weights_and_equals_loading_from_scratch(tiny_models, lora_mode):
+def test_changing_loras_reuses_the_weights_and_equals_loading_from_scratch(tiny_models, lora_mode, monkeypatch):
     pipe = _pipeline(tiny_models, lora_mode=lora_mode)
     base_state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     kohya, xlabs = str(tiny_models.paths["user_lora_kohya"]), str(tiny_models.paths["user_lora_xlabs"])
+    real_open = user_lora.open_weights
+
+    def only_lora_files(path):  # the transformer file is never read again
+        assert "my_flux_lora" in str(path), path
+        return real_open(path)
+
+    monkeypatch.setattr(user_lora, "open_weights", only_lora_files)
+    monkeypatch.setattr(loaders, "load_transformer", lambda *a, **k: pytest.fail("transformer reloaded"))
     first = _latents(pipe.with_lora(kohya, 0.8))
     _latents(pipe.with_lora(kohya, 0.3).with_lora(xlabs, 1.2))
     _latents(pipe)  # every user LoRA taken out again
+    monkeypatch.undo()
     assert pipe.transformer.state_dict().keys() == base_state.keys()
     assert all(torch.equal(v, base_state[k]) for k, v in pipe.transformer.state_dict().items())
     again = _latents(pipe.with_lora(kohya, 0.8))
