@@ -213,6 +213,16 @@ again = pipe.generate("a cat", width=32, height=32, steps=2, seeds=[1])
 seen["same_image_after_unload"] = bool(torch.equal(again.images, result.images))
 seen["after_second_generate"] = records()
 
+# free_memory asks a model to give back only part of its memory when that is enough
+# (LoadedModel.model_unload with memory_to_free below its loaded size): ours give back whole
+# modules, so the answer is "unloaded" and ComfyUI drops the record, as free_memory does.
+vae_record = next(lm for lm in mm.current_loaded_models if type(lm.model.model).__name__ == "USOAutoencoderKL")
+seen["partial_request"] = {"loaded_before": vae_record.model_loaded_memory(),
+                           "unloaded_whole": vae_record.model_unload(memory_to_free=1024),
+                           "loaded_after": vae_record.model.loaded_size()}
+mm.current_loaded_models.remove(vae_record)
+del vae_record
+
 mm.unload_all_models()  # what /free with unload_models and "Unload Models" call
 seen["after_unload_all"] = records()
 

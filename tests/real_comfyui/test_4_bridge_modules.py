@@ -111,6 +111,9 @@ def test_comfyui_unloads_ours_when_it_needs_the_memory(seen):
     assert seen["same_image_after_unload"]
     assert {r["model"] for r in ours(seen["after_second_generate"])} == {"USOAutoencoderKL",
                                                                          "USOFluxTransformer2DModel"}
+    # Asked for part of its memory (1 KiB of the VAE's), a module is unloaded whole.
+    assert seen["partial_request"] == {"loaded_before": seen["module_bytes"]["vae"], "unloaded_whole": True,
+                                       "loaded_after": 0}
     assert seen["after_unload_all"] == []  # Unload Models / POST /free
 
 
