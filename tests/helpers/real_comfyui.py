@@ -9,6 +9,7 @@ folder (their outputs go to separate --output-directory folders).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -161,6 +162,18 @@ class PromptRejected(Exception):
         self.body = body
 
 
+#: Servers started and not yet stopped. Fixture finalizers stop them; this list is the safety net
+#: for an interrupt (Ctrl-C, a CI timeout's SIGTERM) during a fixture's setup, where pytest runs no
+#: finalizer but the interpreter still runs its atexit handlers.
+_running: list["ComfyServer"] = []
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_running):
+        server.stop()
+
+
 @dataclass
 class ComfyServer:
     """One ComfyUI process started by comfyui_here.sh."""
@@ -189,6 +202,7 @@ class ComfyServer:
 
     def start(self) -> "ComfyServer":
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        _running.append(self)
         t0 = time.perf_counter()
         proc = subprocess.run(["bash", str(HERE_SH), "start"], env=self._script_env(), capture_output=True,
                               text=True, timeout=300)
@@ -199,6 +213,8 @@ class ComfyServer:
 
     def stop(self) -> None:
         subprocess.run(["bash", str(HERE_SH), "stop"], env=self._script_env(), capture_output=True, timeout=60)
+        if self in _running:
+            _running.remove(self)
 
     def log(self) -> str:
         try:
