@@ -54,7 +54,8 @@ class Stage:
 
 @pytest.fixture(scope="session")
 def comfy_stage(tmp_path_factory, tiny_models):
-    # A CI timeout's SIGTERM becomes a KeyboardInterrupt, so the finalizers still stop the servers.
+    # A CI timeout's SIGTERM becomes a KeyboardInterrupt, so the finalizers (or, during a fixture's
+    # setup, real_comfyui's atexit handler) still stop the servers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = tmp_path_factory.mktemp("real_comfyui")
     comfy_dir = root / "comfyui"
@@ -73,7 +74,7 @@ def comfy_stage(tmp_path_factory, tiny_models):
     print(f"[stage] native-loadable FLUX VAE written in {time.perf_counter() - t0:.1f} s")
     (comfy_dir / "input").mkdir(exist_ok=True)
     for name in sorted(rc.workflow_image_names()):
-        w, h = rc.IMAGE_SIZES.get(name, (96, 72))
+        w, h = rc.IMAGE_SIZES.get(name, rc.IMAGE_SIZES["uso_subject.png"])
         tiny_models.make_image(w, h, seed=zlib.crc32(name.encode()) % 1000).save(comfy_dir / "input" / name)
     fal = FakeFal(queue_polls=1, progress_polls=1, max_lifetime_s=3600).start()
     env = {
