@@ -257,7 +257,8 @@ def _gone(pid: int, timeout: float = 20) -> bool:
 
 
 def test_ctrl_c_in_the_driver_cancels_the_cluster_work(ray_address, tmp_path):
-    jobs = write_manifest(tmp_path / "jobs.jsonl", [dict(prompt=f"slow {i}", seed=i, **SLOW) for i in range(4)])
+    slower = dict(SLOW, width=384, height=384, steps=200)    # ~6 s: both workers still busy at Ctrl-C
+    jobs = write_manifest(tmp_path / "jobs.jsonl", [dict(prompt=f"slow {i}", seed=i, **slower) for i in range(4)])
     out = tmp_path / "out"
     proc = _driver(["--tiny", "--manifest", str(jobs), "--out", str(out), "--ray", ray_address,
                     "--ray-workers", "2", "--verbose"])
@@ -271,9 +272,12 @@ def test_ctrl_c_in_the_driver_cancels_the_cluster_work(ray_address, tmp_path):
         proc.kill()
     text = "".join(lines) + rest
     assert proc.returncode == 130, text
-    assert re.search(r"Summary: 4 jobs: 0 done \(0 images\), 0 skipped, 0 failed, 2 cancelled, 2 not run", text)
+    m = re.search(r"Summary: 4 jobs: (\d) done \(\d images?\), 0 skipped, 0 failed, (\d) cancelled, (\d) not run", text)
+    assert m, text
+    done, cancelled, not_run = map(int, m.groups())
+    assert cancelled >= 1 and not_run >= 1 and done + cancelled + not_run == 4, text
     assert all(_gone(pid) for pid in pids), f"worker processes {pids} still run"
-    assert not out.exists() or os.listdir(out) == []
+    assert len(os.listdir(out) if out.exists() else []) == done     # nothing from the cancelled jobs
 
 
 def test_a_killed_driver_resumes_finished_outputs_skipped(ray_address, tmp_path):
@@ -288,7 +292,7 @@ def test_a_killed_driver_resumes_finished_outputs_skipped(ray_address, tmp_path)
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    done_before = set(os.listdir(out))
+    done_before = {name for name in os.listdir(out) if not name.endswith(".part")}  # a write the kill cut
     assert 2 <= len(done_before) < 6
     results = api.run_manifest(jobs, out, tiny=True, ray="auto", ray_workers=2)
     status = {os.path.basename(r["outputs"][0]): r["status"] for r in results}
