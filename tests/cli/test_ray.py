@@ -107,8 +107,9 @@ def test_two_workers_write_the_same_files_as_one_process(ray_address, tiny_model
     with one_thread():
         assert cli.main([str(a) for a in models + ["--out", tmp_path / "one"]]) == 0
     assert cli.main([str(a) for a in models + ["--out", tmp_path / "ray", "--ray", ray_address,
-                                                "--ray-workers", "2", "--verbose"]]) == 0
-    out = capsys.readouterr().out
+                                                "--ray-workers", "2", "--verbose", "--progress", "on"]]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"jobs: 100%.*6/6", err)             # the tqdm bar across the cluster's jobs
     assert len(re.findall(r"Ray: worker \d \(.*\) ready", out)) == 2
     assert "Summary: 6 jobs: 6 done (7 images), 0 skipped, 0 failed" in out
     one, on_ray = files_in(tmp_path / "one"), files_in(tmp_path / "ray")
