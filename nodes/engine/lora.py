@@ -50,6 +50,13 @@ def _targets(kind: str, block: str, op: str, stream: str | None) -> list[str]:
     return [f"{base}.proj_out"]
 
 
+def check_pair(owner: str, module: str, down: torch.Tensor, up: torch.Tensor, why: str, advice: str) -> None:
+    """A LoRA's down (rank x in) and up (out x rank) weights must be matrices of one rank."""
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise ModelFileError(f"{owner} has a {module} whose down {list(down.shape)} and up {list(up.shape)} "
+                             f"weights do not fit together ({why}); {advice}.")
+
+
 def load_uso_lora(path: str) -> tuple[list[LoraPart], int]:
     """The LoRA's parts keyed by diffusers module, and its rank (read from the file)."""
     source = open_weights(path)
@@ -72,10 +79,8 @@ def load_uso_lora(path: str) -> tuple[list[LoraPart], int]:
                                  f"{'up' if 'down' in tensors else 'down'} weight of {kind}.{block} "
                                  f"{op}_lora{stream or ''}; the file is incomplete.")
         down, up = tensors["down"], tensors["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise ModelFileError(f"uso_lora: '{name}' has a {kind}.{block} {op}_lora{stream or ''} whose down "
-                                 f"{list(down.shape)} and up {list(up.shape)} weights do not fit together "
-                                 "(different ranks); the file is damaged or not a USO LoRA.")
+        check_pair(f"uso_lora: '{name}'", f"{kind}.{block} {op}_lora{stream or ''}", down, up,
+                   "different ranks", "the file is damaged or not a USO LoRA")
         ranks.add(down.shape[0])
         targets = _targets(kind, block, op, stream)
         rows = up.shape[0] // len(targets)

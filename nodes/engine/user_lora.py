@@ -26,7 +26,7 @@ from torch import nn
 
 from . import convert
 from .errors import ModelFileError
-from .lora import LoraPart, LoraLinear, _logical_shape
+from .lora import LoraLinear, LoraPart, _logical_shape, check_pair
 from .weight_files import open_weights
 
 FORMATS = ("kohya", "comfyui", "xlabs", "diffusers")
@@ -116,10 +116,8 @@ def _pair(name: str, module: str, group: dict) -> tuple[torch.Tensor, torch.Tens
         raise ModelFileError(f"lora: '{name}' has only the {'down' if 'down' in group else 'up'} weight of "
                              f"{module}; the file is incomplete.")
     down, up = group["down"], group["up"]
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise ModelFileError(f"lora: '{name}' has a {module} whose down {list(down.shape)} and up "
-                             f"{list(up.shape)} weights do not fit together (a LoCon/LoHa/LoKr or damaged "
-                             "file; only plain LoRAs are supported).")
+    check_pair(f"lora: '{name}'", module, down, up,
+               "a LoCon/LoHa/LoKr or damaged file", "only plain LoRAs are supported")
     scale = _alpha_value(group["alpha"]) / down.shape[0] if "alpha" in group else 1.0
     return down, up, scale
 

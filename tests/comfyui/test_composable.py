@@ -8,16 +8,9 @@ import torch
 
 from nodes.comfyui import NODE_CLASS_MAPPINGS, pipeline_cache
 from nodes.engine import InputError, USOError, USOPipeline, positions, sampler, schedule, style
-from nodes.model_catalog import FROM_CHECKPOINT
+from reliability_helpers import CHECKPOINT_LOADER, node
 
-LOADER = dict(transformer="checkpoints/flux1-dev-fp8.safetensors", vae=FROM_CHECKPOINT, t5=FROM_CHECKPOINT,
-              clip_l=FROM_CHECKPOINT, siglip="sigclip_vision_patch14_384.safetensors",
-              uso_lora="uso-flux1-dit-lora-v1.safetensors", projector="uso-flux1-projector-v1.safetensors",
-              precision="fp32", memory="auto", lora_mode="auto")
-
-
-def node(node_id):
-    return NODE_CLASS_MAPPINGS[node_id]()
+LOADER = CHECKPOINT_LOADER
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,17 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 
 from nodes.comfyui import NODE_CLASS_MAPPINGS, bridge, pipeline_cache
+from nodes.model_catalog import FROM_CHECKPOINT
 
 #: The separate-file model set (BFL transformer, ae, T5, CLIP-L), fp32 on the CPU.
 LOADER = dict(transformer="flux1-dev.safetensors", vae="ae.safetensors", t5="t5xxl_fp16.safetensors",
               clip_l="clip_l.safetensors", siglip="sigclip_vision_patch14_384.safetensors",
               uso_lora="uso-flux1-dit-lora-v1.safetensors", projector="uso-flux1-projector-v1.safetensors",
               precision="fp32", memory="auto", lora_mode="auto")
+
+#: The same models from ComfyUI's all-in-one fp8 checkpoint (what the workflows name).
+CHECKPOINT_LOADER = {**LOADER, "transformer": "checkpoints/flux1-dev-fp8.safetensors", "vae": FROM_CHECKPOINT,
+                     "t5": FROM_CHECKPOINT, "clip_l": FROM_CHECKPOINT}
 
 
 @contextmanager
