@@ -12,7 +12,6 @@ The job queue (grouping by reference images) is checked without Ray.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -23,12 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from nodes import api
 from nodes.cli import batch, command as cli, ray_runner
 from nodes.cli.manifest import Job
 
+from reliability_helpers import single_thread
 from test_cli import write_image, write_truncated_png  # tests/cli is on sys.path (pytest rootdir mode)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,18 +50,6 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The single-process reference with the thread count of a 1-CPU Ray worker: on CPU the VAE
-    decode's convolutions round differently with another thread count (latents stay equal)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def files_in(folder: Path) -> dict[str, bytes]:
@@ -104,7 +91,7 @@ def test_two_workers_write_the_same_files_as_one_process(ray_address, tiny_model
               "--siglip", p["siglip_file"], "--uso-lora", p["lora_comfy"], "--projector", p["projector_comfy"],
               "--tokenizers", p["tokenizer_t5"].parent, "--width", 64, "--height", 64, "--steps", 3,
               "--long-side", 64, "--manifest", jobs]
-    with one_thread():
+    with single_thread():
         assert cli.main([str(a) for a in models + ["--out", tmp_path / "one"]]) == 0
     assert cli.main([str(a) for a in models + ["--out", tmp_path / "ray", "--ray", ray_address,
                                                 "--ray-workers", "2", "--verbose", "--progress", "on"]]) == 0
@@ -164,7 +151,7 @@ def test_a_worker_killed_mid_job_its_job_runs_again_elsewhere_one_output(ray_add
     assert sorted(os.listdir(tmp_path / "out")) == ["0001_long_11.png", "0002_short-a_12.png",
                                                     "0003_short-b_13.png"]
     # the re-run image is the one a single process makes
-    with one_thread():
+    with single_thread():
         reference = batch.run_jobs(jobs[:1], make, str(tmp_path / "one"), "tiny")
     assert (tmp_path / "one" / "0001_long_11.png").read_bytes() == (tmp_path / "out" / "0001_long_11.png").read_bytes()
     assert reference[0].status == "done"
