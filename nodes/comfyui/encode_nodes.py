@@ -146,11 +146,8 @@ class USOStyleFromClipVision:
             hidden = clip_vision_output["all_hidden_states"]
         except (KeyError, TypeError, IndexError, AttributeError):  # ComfyUI's Output: attribute access
             hidden = None
-        if hidden is None:
-            raise InputError("clip_vision_output: carries no per-layer hidden states; it must come from CLIP Vision "
-                             "Encode with a SigLIP model (sigclip_vision_patch14_384), not a CLIP one.")
         bridge.throw_if_interrupted()
-        encoding = pipeline.encode_style_hidden_states(hidden)
+        encoding = pipeline.encode_style_hidden_states(hidden)  # None or a CLIP's output: refused there
         return (encoding if previous is None else previous + encoding,)
 
 

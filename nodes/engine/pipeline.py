@@ -30,14 +30,14 @@ MAX_REFERENCE_STYLES = 2
 MAX_REFERENCE_SUBJECTS = 1
 MAX_PROMPT_CHARS = 20000
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed range
+REFERENCE_LONG_SIDE = 512
+
+LORA_MODES = ("auto", "fused", "unfused")
 
 
 def batch_seeds(seed: int, count: int) -> list[int]:
     """Image i of a batch uses seed + i (wrapping past SEED_MAX), so it equals a single run with that seed."""
     return [(int(seed) + i) % (SEED_MAX + 1) for i in range(int(count))]
-REFERENCE_LONG_SIDE = 512
-
-LORA_MODES = ("auto", "fused", "unfused")
 
 
 @dataclass(frozen=True)
