@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from . import fp8, lora, memory, positions, sampler, schedule, speed, style, subject, text, vae
+from .gguf_files import is_quantized
 from .model_set import LoadedModels, ModelFiles, load_models
 from .user_lora import UserLora, read_user_lora
 from .errors import InputError, ModelFileError, OutOfMemoryError
@@ -197,7 +198,7 @@ class USOPipeline:
     def _quantized(self) -> bool:
         """fp8 storage or GGUF weights: the transformer is already as small as it gets here."""
         return self.precision.fp8_storage or any(
-            hasattr(p, "quant_type") for p in self.transformer.parameters())
+            is_quantized(p) for p in self.transformer.parameters())
 
     # -- user LoRAs -------------------------------------------------------------------------
 
