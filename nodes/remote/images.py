@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputProblem, ProviderError
+from .transport import url_problem
 
 MAX_PIXELS = 2048 * 2048  # the cap ComfyUI's own API nodes use before uploading
 MAX_ENCODED_BYTES = 2_000_000  # data URIs break at a few MB on fal's side; stay well under
@@ -90,8 +91,9 @@ def item_bytes(item: object, download: Callable[[str], bytes]) -> bytes:
             return decode_data_uri(url)
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"its data URI cannot be decoded ({exc})") from None
-    if not url.lower().startswith(("https://", "http://")):
-        raise ValueError(f"its url has an unsupported scheme ({url.split(':', 1)[0]}:)")
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValueError(f"its url {problem}, so it was not downloaded")
     return download(url)
 
 
