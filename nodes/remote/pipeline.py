@@ -77,15 +77,18 @@ class RemoteResult:
 def _check_url(env: str, value: str, default: str) -> str:
     """`value` if the key may be sent to it: https, or http to this machine (a local proxy, tests).
     Messages show the URL without any user:password@ part."""
+    parts = urlsplit(value)
     problem = url_problem(value)
     if problem is not None:
-        parts = urlsplit(value)
-        if parts.scheme.lower() in ("http", "https") and parts.hostname:
-            shown = f" ({display_url(value)}) {problem}: the API key would travel in clear"
-        else:
-            shown = " is not an https URL"
+        shown = f" ({display_url(value)}) {problem}: the API key would travel in clear" \
+            if parts.scheme.lower() in ("http", "https") and parts.hostname else " is not an https URL"
         raise RemoteError(f"{env}{shown}. Set it to an https URL like {default} (http only to a proxy on this "
                           f"machine: 127.0.0.1 or localhost), or unset it to use {default}.")
+    if parts.username is not None or parts.password is not None:
+        # requests would send them as Basic auth in place of the provider's key header.
+        raise RemoteError(f"{env} ({display_url(value)}) holds a user name or password before its host; the "
+                          "Authorization header carries the API key, so they cannot be sent. Remove them (a "
+                          "proxy's own credentials go in HTTPS_PROXY).")
     return value.rstrip("/")
 
 
