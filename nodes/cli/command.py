@@ -185,7 +185,11 @@ def jobs_for(given: dict, manifest_path: str | None, kind: str) -> list[manifest
                                            defaults)
     if problems:
         raise manifest.ManifestError([f"command line: {p}" for p in problems])
-    return manifest.jobs_from_manifest(manifest_path, kind, checked)
+    jobs = manifest.jobs_from_manifest(manifest_path, kind, checked)
+    clashes = batch.output_clashes(jobs, kind)
+    if clashes:
+        raise manifest.ManifestError(clashes)
+    return jobs
 
 
 class _Interrupts:
