@@ -38,6 +38,22 @@ def output_paths(job: Job, out_dir: str, kind: str, numbered: bool) -> list[str]
     return [os.path.join(out_dir, name) for name in names]
 
 
+def output_clashes(jobs: list[Job], kind: str, numbered: bool = True) -> list[str]:
+    """One problem per job with an output name that an earlier job also writes (an explicit
+    `output` of one job can be another's numbered or seed-tagged name): refused before anything
+    runs, so no job overwrites another's images. Names compare case-blind, as on Windows and macOS."""
+    owners: dict[str, Job] = {}
+    problems = []
+    for job in jobs:
+        for name in output_paths(job, "", kind, numbered):
+            first = owners.setdefault(name.casefold(), job)
+            if first is not job:
+                problems.append(f"{job.where}: its output '{name}' is also an output of {first.where}; give one "
+                                "of them another 'output' name")
+                break
+    return problems
+
+
 # -- running ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -126,12 +142,10 @@ def generate(backend, job: Job, kind: str, on_step: Callable[[int, int], None] |
 
 
 def save_outputs(result, paths: list[str], job: Job) -> list[str]:
-    """Write the job's images (atomically, with their parameters) to `paths`; returns the paths
-    written, which differ from `paths` only when a provider returned another number of images."""
-    if len(result.images) != len(paths):
-        stem, ext = os.path.splitext(paths[0])
-        paths = paths[:len(result.images)] if len(result.images) < len(paths) else \
-            [f"{stem}_{k + 1}{ext}" for k in range(len(result.images))]
+    """Write the job's images (atomically, with their parameters) to `paths`, the job's own names;
+    returns the paths written: fewer when a provider returned fewer images. Images beyond
+    `paths` are not written (a name made up for them could be another job's)."""
+    paths = paths[:len(result.images)]
     for k, path in enumerate(paths):
         save_png(result.images[k], path, {**result.image_parameters(k), "job": job.index})
     return paths

@@ -149,6 +149,8 @@ def _check_flags(args) -> list[str]:
         problems.append(f"{what}; drop {', '.join(given_models)}")
     if args.manifest and args.output:
         problems.append("--output names the single job's file; a manifest row sets its own 'output'")
+    if (out_problem := manifest.windows_path_problem(args.out)) is not None:
+        problems.append(f"--out '{args.out}' {out_problem}")
     if args.timeout < 10 or args.timeout > 3600:
         problems.append(f"--timeout {args.timeout} is outside 10..3600")
     if args.ray and args.provider:
@@ -185,7 +187,11 @@ def jobs_for(given: dict, manifest_path: str | None, kind: str) -> list[manifest
                                            defaults)
     if problems:
         raise manifest.ManifestError([f"command line: {p}" for p in problems])
-    return manifest.jobs_from_manifest(manifest_path, kind, checked)
+    jobs = manifest.jobs_from_manifest(manifest_path, kind, checked)
+    clashes = batch.output_clashes(jobs, kind)
+    if clashes:
+        raise manifest.ManifestError(clashes)
+    return jobs
 
 
 class _Interrupts:

@@ -18,6 +18,7 @@ import csv
 import difflib
 import json
 import math
+import ntpath
 import os
 import re
 from dataclasses import dataclass
@@ -228,10 +229,28 @@ def slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-")
 
 
+def windows_path_problem(path: str) -> str | None:
+    """Why `path` is refused, on every OS alike (a manifest means the same everywhere), or None:
+    a network (UNC) path, `\\\\server\\share\\x.png` or `//server/share/x.png`, which Windows would
+    open over the network; or a drive-relative one, `C:x.png`, which Windows resolves against
+    drive C's own current folder, not the folder it seems to name. Read with `ntpath` on any OS."""
+    drive, rest = ntpath.splitdrive(path)
+    if not drive:
+        return None
+    if drive[:2] in ("\\\\", "//"):
+        return "is a network (UNC) path; use a local folder or a mapped drive (Z:\\...) instead"
+    if not rest.startswith(("\\", "/")):
+        return (f"is relative to drive {drive}'s own current folder, not to a folder it names; write the full "
+                f"path ({drive}\\folder\\{rest or 'name'}) or a path without a drive")
+    return None
+
+
 def _output_name(value: str) -> str:
     name = value.strip().replace("\\", "/")
     if not name or os.path.isabs(name) or name.startswith("/") or ".." in name.split("/"):
         raise ValueError(f"output '{value}' must be a file name inside the output folder (no absolute path, no '..')")
+    if ntpath.splitdrive(name)[0]:  # C:x.png, C:/x.png: Windows would write outside the output folder
+        raise ValueError(f"output '{value}' must be a file name inside the output folder (no drive such as C:)")
     stem, ext = os.path.splitext(name)
     if not ext:
         name += ".png"
@@ -340,6 +359,9 @@ def _long_side(value: int) -> int:
 
 
 def _check_image(what: str, path: str, base_dir: str, problems: list[str]) -> str:
+    if (problem := windows_path_problem(path)) is not None:
+        problems.append(f"{what} '{path}' {problem}")
+        return path
     full = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
     try:
         probe_image(full)
@@ -350,6 +372,9 @@ def _check_image(what: str, path: str, base_dir: str, problems: list[str]) -> st
 
 
 def _check_file(what: str, path: str, base_dir: str, problems: list[str]) -> str:
+    if (problem := windows_path_problem(path)) is not None:
+        problems.append(f"{what} '{path}' {problem}")
+        return path
     full = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
     if not os.path.isfile(full):
         looked = f" (looked for {full})" if full != path else ""

@@ -9,9 +9,11 @@ passes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import tempfile
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -69,16 +71,31 @@ def png_info(parameters: dict) -> PngInfo:
 
 def save_png(image: Image.Image, path: str, parameters: dict) -> None:
     """Write `image` with its parameters; atomically, so an interrupted run never leaves a
-    half-written file that a resumed run would take as done."""
+    half-written file that a resumed run would take as done. The temporary file is a new one
+    (`mkstemp`: random name, created exclusively) in the target folder, renamed into place: a link
+    placed in a shared folder cannot redirect the write, and two writers of one path (two Ray
+    workers on the same job) never share a temporary file; the last rename wins whole."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.part"
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.", suffix=".part", dir=folder)
     try:
-        image.save(tmp, format="PNG", pnginfo=png_info(parameters))
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=png_info(parameters))
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
+    except BaseException:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        raise
+
+
+def new_file_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask); mkstemp makes 0o600 ones."""
+    # The umask can only be read by setting it; set the strict 0o077 for that instant, so a file
+    # another thread creates meanwhile is never more open than it should be.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_parameters(path: str) -> dict:

@@ -9,7 +9,7 @@ from .errors import (Cancelled, DeadlineExceeded, ProviderError, RemoteError, Re
                      aiml_error_detail, in_user_terms, input_fix_hint, redact)
 from .hooks import Hooks
 from .keys import ApiKey
-from .transport import AIML_POST, NetworkFailure, Response, Transport
+from .transport import AIML_POST, NetworkFailure, Response, Transport, display_url
 
 log = logging.getLogger("uso.remote")
 
@@ -95,7 +95,7 @@ class AimlClient:
             msg = (f"AIML refused the request (HTTP 403: {message}). The account is probably out of credits; "
                    "top it up in the AIML dashboard.")
         elif code == 404:
-            msg = f"AIML: no image endpoint at {url} (HTTP 404: {message}). Check {URL_ENV} if you set it."
+            msg = f"AIML: no image endpoint at {display_url(url)} (HTTP 404: {message}). Check {URL_ENV} if you set it."
         elif code in (400, 422):
             msg = f"AIML rejected the input (HTTP {code}): {message}. {input_fix_hint(named)}"
         elif code == 429:

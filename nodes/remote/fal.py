@@ -13,7 +13,7 @@ from .errors import (Cancelled, DeadlineExceeded, ProviderError, RemoteError, Re
 from .hooks import Hooks
 from .keys import ApiKey
 from .transport import (FAL_SUBMIT, ONCE, READ, READ_FINAL, USER_AGENT, NetworkFailure, Response,
-                        Transport, raw_request)
+                        Transport, display_url, raw_request)
 
 log = logging.getLogger("uso.remote")
 
@@ -298,7 +298,7 @@ class FalClient:
             msg = (f"fal refused the request ({kind}: {detail}). The fal account may be locked or out of "
                    "credits: check https://fal.ai/dashboard/billing.")
         elif code == 404 and stage == "submit":
-            msg = (f"fal: no USO endpoint at {self.base_url}/{MODEL_ID} ({kind}: {detail}). "
+            msg = (f"fal: no USO endpoint at {display_url(self.base_url)}/{MODEL_ID} ({kind}: {detail}). "
                    f"Check {QUEUE_URL_ENV} if you set it.")
         elif code == 404:
             msg = f"fal: request not found ({kind}: {detail}); it expired or the model id is wrong. Run again."

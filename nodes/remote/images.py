@@ -10,7 +10,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..cli.image_files import open_image
 from .errors import InputProblem, ProviderError
+from .transport import url_problem
 
 MAX_PIXELS = 2048 * 2048  # the cap ComfyUI's own API nodes use before uploading
 MAX_ENCODED_BYTES = 2_000_000  # data URIs break at a few MB on fal's side; stay well under
@@ -90,14 +92,19 @@ def item_bytes(item: object, download: Callable[[str], bytes]) -> bytes:
             return decode_data_uri(url)
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"its data URI cannot be decoded ({exc})") from None
-    if not url.lower().startswith(("https://", "http://")):
-        raise ValueError(f"its url has an unsupported scheme ({url.split(':', 1)[0]}:)")
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValueError(f"its url {problem}, so it was not downloaded")
     return download(url)
 
 
 def to_rgb(data: bytes) -> Image.Image:
+    """An RGB image from a result file; refused (ValueError) when its header claims more pixels than
+    `image_files.MAX_PIXELS`, before anything is decoded."""
     try:
-        opened = Image.open(io.BytesIO(data))
+        opened = open_image(io.BytesIO(data))
+    except ValueError as exc:
+        raise ValueError(f"it {exc}") from None
     except UnidentifiedImageError:
         # PIL's own text names a Python object ("<_io.BytesIO object at 0x...>"); say what came.
         head = data[:60].decode("utf-8", "replace")
@@ -107,10 +114,34 @@ def to_rgb(data: bytes) -> Image.Image:
     with opened as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+            return wide_to_8bit(img).convert("RGB")
         return img.convert("RGB")
+
+
+#: Pixels converted at a time by `wide_to_8bit`: its working memory, whatever the image's size.
+STRIP_PIXELS = 1 << 16
+
+
+def wide_to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) image as 8-bit "L", rounded to the nearest level: 16-bit data
+    over 0..65535, 32-bit data over 0..255 when it stays in that range, else over 0..65535.
+    Converted a strip of rows at a time, so beside the image itself it needs 1 byte a pixel (the
+    result) and a fixed working strip, not a float copy of the whole image."""
+    width, height = img.size
+    if img.mode.startswith("I;16"):
+        peak = 65535
+    else:
+        peak = 65535 if img.getextrema()[1] > 255 else 255
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        strip = np.array(img.crop((0, top, width, bottom)), dtype=np.int64)
+        strip *= 255   # in place: one working strip, no temporaries
+        strip += peak // 2
+        strip //= peak
+        out[top:bottom] = np.clip(strip, 0, 255, out=strip)
+    return Image.fromarray(out)
 
 
 def decode_results(items: list, download: Callable[[str], bytes], provider: str,

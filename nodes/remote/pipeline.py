@@ -16,7 +16,7 @@ from .hooks import Hooks
 from .images import decode_results, frames, to_data_uri
 from .keys import ApiKey, resolve_key
 from .request import (MAX_STYLES, aiml_body, build_request, clamp_timeout, fal_body, image_list)
-from .transport import READ, NetworkFailure, Transport
+from .transport import READ, NetworkFailure, Transport, display_url, host_of, url_problem
 
 log = logging.getLogger("uso.remote")
 
@@ -75,10 +75,20 @@ class RemoteResult:
 
 
 def _check_url(env: str, value: str, default: str) -> str:
+    """`value` if the key may be sent to it: https, or http to this machine (a local proxy, tests).
+    Messages show the URL without any user:password@ part."""
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise RemoteError(f"{env} is set but is not an http(s) URL like {default}; fix it, or unset it to use "
-                          f"{default}.")
+    problem = url_problem(value)
+    if problem is not None:
+        shown = f" ({display_url(value)}) {problem}: the API key would travel in clear" \
+            if parts.scheme.lower() in ("http", "https") and parts.hostname else " is not an https URL"
+        raise RemoteError(f"{env}{shown}. Set it to an https URL like {default} (http only to a proxy on this "
+                          f"machine: 127.0.0.1 or localhost), or unset it to use {default}.")
+    if parts.username is not None or parts.password is not None:
+        # requests would send them as Basic auth in place of the provider's key header.
+        raise RemoteError(f"{env} ({display_url(value)}) holds a user name or password before its host; the "
+                          "Authorization header carries the API key, so they cannot be sent. Remove them (a "
+                          "proxy's own credentials go in HTTPS_PROXY).")
     return value.rstrip("/")
 
 
@@ -139,6 +149,10 @@ def generate(inputs: RemoteInputs, *, user_dir: str | None, hooks: Hooks = Hooks
         data, items, request_id = aiml_result.data, aiml_result.items, aiml_result.request_id
         name = "AIML"
 
+    if len(items) > req.num_images:  # never more files than were asked (and paid) for
+        warnings.append(f"{name} returned {len(items)} images for num_images={req.num_images}; kept the first "
+                        f"{req.num_images}")
+        items = items[:req.num_images]
     images, decode_warnings = decode_results(items, _downloader(transport, name, key), name, request_id)
     warnings.extend(decode_warnings)
     hooks.progress(0.9)
@@ -173,7 +187,7 @@ def _downloader(transport: Transport, name: str, key: ApiKey):
             raise ValueError(f"downloading it from {f.host} failed: {f.reason}") from None
         if not resp.ok:
             body = redact(resp.content[:200].decode("utf-8", "replace"), key.secret.parts())
-            raise ValueError(f"downloading it from {urlsplit(url).netloc} failed with HTTP {resp.status}"
+            raise ValueError(f"downloading it from {host_of(url)} failed with HTTP {resp.status}"
                              f"{': ' + ' '.join(body.split()) if body.strip() else ''}")
         return resp.content
 

@@ -7,13 +7,14 @@ abandoned call finishes on its own (its read timeout bounds it) and is then drop
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
@@ -49,9 +50,9 @@ class NetworkFailure(Exception):
     """No HTTP answer (DNS, refused, reset, timeout) after the retries the policy allows."""
 
     def __init__(self, url: str, reason: str, attempts: int, timed_out: bool):
-        super().__init__(f"{reason} ({url})")
+        super().__init__(f"{reason} ({display_url(url)})")
         self.url = url
-        self.host = urlsplit(url).netloc
+        self.host = host_of(url)
         self.reason = reason
         self.attempts = attempts
         self.timed_out = timed_out
@@ -59,6 +60,83 @@ class NetworkFailure(Exception):
 
 class TooLarge(Exception):
     pass
+
+
+class Refused(Exception):
+    """A URL this client does not fetch (see `url_problem`), or a redirect to one. Never retried:
+    the same answer would come again."""
+
+
+#: Redirects followed per request: a CDN hop or two, not requests' default of 30.
+MAX_REDIRECTS = 5
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for this machine's own addresses (localhost, 127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower() in ("localhost", "localhost.") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_problem(url: str) -> str | None:
+    """Why this client will not send a request to `url`, or None. Only https goes over the network;
+    plain http (the key and the images in clear) only to this machine: tests and local proxies."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "https" and parts.hostname:
+        return None
+    if scheme == "http" and parts.hostname:
+        if is_loopback(parts.hostname):
+            return None
+        return f"is plain http to {parts.hostname}, another machine; only https is used beyond this machine"
+    return f"is not an https URL (scheme {scheme + ':' if scheme else 'missing'})"
+
+
+def host_of(url: str) -> str:
+    """host[:port] of `url`, without any user:password@ part."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
+
+
+def display_url(url: str) -> str:
+    """`url` as it may appear in messages and logs: no user:password@, no query (tokens)."""
+    parts = urlsplit(url)
+    if parts.scheme == "data":
+        return "data:…"
+    return f"{parts.scheme}://{host_of(url)}{parts.path}"
+
+
+class _CheckedSession(requests.Session):
+    """requests' own redirect handling, with every target checked before it is followed: same
+    scheme as the request it answers (no https -> http, no file:), and a URL `url_problem` accepts."""
+
+    max_redirects = MAX_REDIRECTS
+
+    def get_redirect_target(self, resp):
+        target = super().get_redirect_target(resp)
+        if target is None:
+            return None
+        full = urljoin(resp.url, target)
+        was, now = urlsplit(resp.url).scheme.lower(), urlsplit(full).scheme.lower()
+        if now != was:
+            raise Refused(f"redirected from {was}: to {now + ':' if now else 'an unreadable URL'} "
+                          f"({host_of(resp.url)}), which is refused")
+        problem = url_problem(full)
+        if problem is not None:
+            raise Refused(f"redirected to a URL that {problem}")
+        return target
 
 
 def never_sent(exc: BaseException) -> bool:
@@ -93,8 +171,10 @@ def _reason(exc: BaseException) -> str:
         return "could not connect (DNS failure or connection refused)"
     if isinstance(exc, requests.exceptions.ConnectionError):
         return "connection dropped before a complete answer"
-    if isinstance(exc, TooLarge):
+    if isinstance(exc, (TooLarge, Refused)):
         return str(exc)
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        return f"more than {MAX_REDIRECTS} redirects"
     return type(exc).__name__
 
 
@@ -119,7 +199,7 @@ class RetryPolicy:
         return resp.status in self.fal_ingress_statuses and not resp.fal_request_id
 
     def retry_exception(self, exc: BaseException) -> bool:
-        if isinstance(exc, TooLarge):
+        if isinstance(exc, (TooLarge, Refused, requests.exceptions.TooManyRedirects)):
             return False
         if self.post:
             return never_sent(exc)
@@ -184,8 +264,8 @@ class Transport:
                                        deadline, tick, started, on_late_response)
             except (Cancelled, DeadlineExceeded):
                 raise
-            except Exception as exc:  # requests/urllib3 errors, TooLarge
-                log.info("USO remote: %s %s failed: %s", method, _path(url), _reason(exc))
+            except Exception as exc:  # requests/urllib3 errors, TooLarge, Refused
+                log.info("USO remote: %s %s failed: %s", method, display_url(url), _reason(exc))
                 if attempt < policy.attempts and policy.retry_exception(exc):
                     delay = self.backoff(attempt)
                     self.on_retry(f"{label}network problem ({_reason(exc)}), retrying in {delay:.1f} s "
@@ -194,7 +274,7 @@ class Transport:
                     continue
                 timed_out = isinstance(exc, requests.exceptions.Timeout)
                 raise NetworkFailure(url, _reason(exc), attempt, timed_out) from None
-            log.debug("USO remote: %s %s -> HTTP %d%s", method, _path(url), resp.status,
+            log.debug("USO remote: %s %s -> HTTP %d%s", method, display_url(url), resp.status,
                      f" (x-fal-request-id {resp.fal_request_id})" if resp.fal_request_id else "")
             if not resp.ok and attempt < policy.attempts and policy.retry_response(resp):
                 delay = self.backoff(attempt)
@@ -255,10 +335,14 @@ class Transport:
 def raw_request(method: str, url: str, *, headers: Mapping[str, str], timeout: tuple[float, float],
                 json_body: Any = None, params: Mapping[str, str] | None = None,
                 max_bytes: int = 256 * 1024 * 1024, abandoned: threading.Event | None = None) -> Response:
-    """One blocking request in the calling thread: no retries, no Cancel checks."""
+    """One blocking request in the calling thread: no retries, no Cancel checks. Refused for a
+    URL `url_problem` names, and for a redirect to one or to another scheme."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise Refused(f"{display_url(url)} {problem}")
     # A fresh session per call: no pooled keep-alive connection that the server may have closed,
     # which would turn a POST into an ambiguous "connection aborted".
-    with requests.Session() as session:
+    with _CheckedSession() as session:
         session.trust_env = True  # honour HTTPS_PROXY / NO_PROXY like the rest of ComfyUI
         with session.request(method, url, headers=dict(headers), json=json_body, params=params,
                              timeout=timeout, stream=True, allow_redirects=True) as r:
@@ -273,9 +357,3 @@ def raw_request(method: str, url: str, *, headers: Mapping[str, str], timeout: t
             return Response(r.status_code, {k.lower(): v for k, v in r.headers.items()},
                             b"".join(chunks), r.url)
 
-
-def _path(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme == "data":
-        return "data:…"
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"

@@ -149,7 +149,7 @@ def test_wrong_base_url_404(remote_env, monkeypatch):
 def test_bad_base_url_is_refused_before_any_call(remote_env, monkeypatch):
     monkeypatch.setenv("AIML_API_KEY", "k-123")
     monkeypatch.setenv("USO_AIML_URL", "api.aimlapi.com")
-    with pytest.raises(RemoteError, match="USO_AIML_URL is set but is not an http"):
+    with pytest.raises(RemoteError, match="USO_AIML_URL is not an https URL"):
         run_node(provider="aiml")
 
 

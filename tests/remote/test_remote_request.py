@@ -219,7 +219,7 @@ def test_mismatched_result_sizes_are_resized_with_a_warning():
 
 
 @pytest.mark.parametrize("item, words", [
-    ({"url": "file:///etc/passwd"}, "unsupported scheme (file:)"),
+    ({"url": "file:///etc/passwd"}, "is not an https URL (scheme file:)"),
     ({"url": "data:image/png;base64,bm90IGFuIGltYWdl"}, "could not be read"),
     ({}, "has no url, b64_json or file_data"),
 ])
