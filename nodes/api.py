@@ -28,10 +28,10 @@ from typing import Callable, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .cli import model_paths, png_info
+from .files import model_paths, png_info
 from .engine import EngineOptions, InputError, USOPipeline
 from .engine.pipeline import SEED_MAX, batch_seeds
-from .cli.image_files import load_image, to_8bit
+from .files.image_files import load_image, to_8bit
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 
@@ -251,7 +251,8 @@ def run_manifest(manifest: str | os.PathLike, out: str | os.PathLike = "out", *,
     `model_files` are `load`'s: comfy_models, diffusers, transformer, ..."""
     import functools
 
-    from .cli import batch, ray_runner
+    from .jobs import ray_runner
+    from .jobs import runner as batch
     from .cli.command import jobs_for
 
     kind = "tiny" if tiny else "local"

@@ -32,7 +32,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from ..cli import batch, ray_runner
+from ..jobs import ray_runner
+from ..jobs import runner as batch
 from ..cli.command import jobs_for
 
 PROMPTS = ("a cat in the city at night", "a portrait of a woman with a red hat", "a dog in a green forest",

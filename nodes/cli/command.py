@@ -23,7 +23,9 @@ import threading
 import time
 
 from .. import api
-from . import batch, manifest, model_paths, ray_runner
+from ..files import model_paths
+from ..jobs import manifest, ray_runner
+from ..jobs import runner as batch
 from ..engine import EngineOptions, TokenizerNotFoundError, USOError
 from ..engine.memory import MEMORY_MODES, PRECISIONS
 

@@ -20,7 +20,10 @@ import pytest
 from PIL import Image
 
 from nodes import api
-from nodes.cli import batch, command as cli, manifest, png_info
+from nodes.cli import command as cli
+from nodes.files import png_info
+from nodes.jobs import manifest
+from nodes.jobs import runner as batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -302,7 +305,7 @@ def test_comfy_models_folder_with_extra_model_paths(tiny_models, tmp_path, pictu
 
 
 def test_model_file_resolution_rules(tiny_models, tmp_path, monkeypatch):
-    from nodes.cli import model_paths as mp
+    from nodes.files import model_paths as mp
 
     monkeypatch.setenv("PWD", str(tmp_path))  # not run from a pack linked into a ComfyUI
 
@@ -340,7 +343,7 @@ def test_model_file_resolution_rules(tiny_models, tmp_path, monkeypatch):
 
 
 def test_model_file_hints_name_both_transformer_defaults_and_an_empty_models_folder(tmp_path):
-    from nodes.cli import model_paths as mp
+    from nodes.files import model_paths as mp
 
     with pytest.raises(mp.ModelPathError) as exc:
         api.resolve_files()
@@ -362,7 +365,7 @@ def test_model_file_hints_name_both_transformer_defaults_and_an_empty_models_fol
 
 
 def test_extra_model_paths_parser_matches_yaml(tmp_path):
-    from nodes.cli import model_paths as mp
+    from nodes.files import model_paths as mp
 
     text = ("comfyui:\n     base_path: path/to/comfyui/\n     # is_default: true\n"
             "     checkpoints: models/checkpoints/\n     diffusion_models: |\n                  models/diffusion_models\n"
@@ -503,7 +506,7 @@ def test_readme_shows_the_commands():
 
 
 def test_the_comfyui_installation_around_the_pack_is_the_default(tmp_path, monkeypatch):
-    from nodes.cli import model_paths as mp
+    from nodes.files import model_paths as mp
 
     comfy = tmp_path / "ComfyUI"
     (comfy / "models").mkdir(parents=True)

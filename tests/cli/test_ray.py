@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 
 from nodes import api
-from nodes.cli import batch, command as cli, ray_runner
-from nodes.cli.manifest import Job
+from nodes.cli import command as cli
+from nodes.jobs import ray_runner
+from nodes.jobs import runner as batch
+from nodes.jobs.manifest import Job
 
 from reliability_helpers import single_thread
 from test_cli import write_image, write_truncated_png  # tests/cli is on sys.path (pytest rootdir mode)

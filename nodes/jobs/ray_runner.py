@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from . import batch
+from . import runner as batch
 from .manifest import Job
 
 MAX_ATTEMPTS = 3

@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..engine.pipeline import batch_seeds
 from .manifest import LOCAL_KINDS, Job, slug
-from .png_info import save_png
+from ..files.png_info import save_png
 
 
 # -- output names -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 
 from ..engine.pipeline import SEED_MAX
-from .image_files import probe_image
+from ..files.image_files import probe_image
 
 LOCAL_KINDS = ("local", "tiny")
 
