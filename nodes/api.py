@@ -28,6 +28,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from .cancel import Cancelled  # what `generate` raises after `cancel()` (Ctrl-C on the command line)
 from .files import model_paths, png_info
 from .engine import EngineOptions, InputError, USOPipeline
 from .engine.pipeline import SEED_MAX, batch_seeds
@@ -44,10 +45,6 @@ TINY_DEFAULTS = dict(width=64, height=64, steps=4, long_side=64)
 REMOTE_DEFAULTS = dict(steps=28)
 TINY_NOTICE = ("SMOKE TEST (--tiny): random tiny models, no weights were loaded. This checks the "
                "install end to end; the images are noise by design.")
-
-
-class Cancelled(Exception):
-    """The run was cancelled through `cancel()` (Ctrl-C on the command line)."""
 
 
 @dataclass
@@ -327,7 +324,6 @@ class RemoteUSO(_Cancellable):
                  negative_prompt: str = "", on_status: Callable[[str], None] | None = None,
                  on_progress: Callable[[float], None] | None = None) -> Output:
         """One request. seed 0 lets the provider pick (the seed used is in `Output.seeds`)."""
-        from .remote import Cancelled as RemoteCancelled
         from .remote import Hooks, RemoteInputs, Settings, generate
 
         given = dict(prompt=prompt, width=width, height=height, keep_size=keep_size, steps=steps,
@@ -347,10 +343,7 @@ class RemoteUSO(_Cancellable):
                       progress=on_progress or (lambda _f: None))
         settings = Settings.from_env(poll_interval_s=self.POLL_INTERVAL_S, backoff_base_s=self.BACKOFF_BASE_S,
                                      in_comfyui=False)
-        try:
-            result = generate(inputs, user_dir=self.user_dir, hooks=hooks, settings=settings)
-        except RemoteCancelled:
-            raise Cancelled("cancelled") from None
+        result = generate(inputs, user_dir=self.user_dir, hooks=hooks, settings=settings)
         w, h = result.images[0].size
         parameters = {
             "prompt": p["prompt"], "negative_prompt": negative_prompt or "", "subject": _describe_image(subject),

@@ -9,6 +9,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from ..cancel import Cancelled
 from ..engine.pipeline import batch_seeds
 from .manifest import LOCAL_KINDS, Job, slug
 from ..files.png_info import save_png
@@ -164,8 +165,6 @@ def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, k
     """Run every job; a failure is recorded and the next job runs. The backend is made (models
     loaded) only when the first job needs it, so a finished batch re-runs without loading.
     A KeyboardInterrupt or a cancel stops the batch: the rest is marked 'not run'."""
-    from ..api import Cancelled
-
     progress = progress or Progress(len(jobs), enabled=False)
     outcomes: list[Outcome] = []
     backend = None

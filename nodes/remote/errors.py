@@ -5,6 +5,9 @@ import json
 import re
 from typing import Any, Iterable, Mapping
 
+# The user pressed Cancel. Not a RemoteError: the node turns it into ComfyUI's interrupt.
+from ..cancel import Cancelled  # noqa: F401 - re-exported for the clients
+
 
 class RemoteError(RuntimeError):
     """A failure the user can act on; the message says what happened and what to do."""
@@ -29,10 +32,6 @@ class ProviderError(RemoteError):
 
 class RemoteTimeout(RemoteError):
     """The job did not finish within timeout_s."""
-
-
-class Cancelled(Exception):
-    """The user pressed Cancel. Not a RemoteError: the node turns it into ComfyUI's interrupt."""
 
 
 class DeadlineExceeded(Exception):
