@@ -24,6 +24,8 @@ from nodes.cli import command as cli
 from nodes.files import png_info
 from nodes.jobs import manifest
 from nodes.jobs import runner as batch
+from nodes.jobs.backend import Backend
+from nodes.jobs.plan import job_defaults, jobs_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -208,7 +210,7 @@ def test_csv_manifest_types_and_line_numbers(tmp_path, pictures, capsys):
     assert "SMOKE TEST" not in err  # nothing is generated, so no warning about noise images
     assert "job 1 (jobs.csv line 2) [to do]: " in out and "cat.png" in out
     assert "job 2 (jobs.csv line 4) [to do]: " in out and "0002_multi-line-prompt_6.png" in out
-    jobs = cli.plan_jobs(cli.build_parser().parse_args(["--tiny", "--manifest", str(manifest)]), "tiny")
+    jobs = cli.plan_jobs(cli.build_parser().parse_args(["--tiny", "--manifest", str(manifest)]), Backend(tiny=True))
     assert jobs[0].prompt == "a cat, sitting" and jobs[0].keep_size is False and jobs[0].steps == 2
     assert [os.path.basename(s) for s in jobs[0].styles] == ["style.jpg", "style2.png"]
     assert jobs[1].prompt == "multi\nline prompt" and jobs[1].subject is None and jobs[1].seed == 6
@@ -445,18 +447,20 @@ def test_provider_without_a_key_stops_before_any_request(tmp_path, pictures, cap
 # -- runner details ----------------------------------------------------------------------------------
 
 def test_cancel_marks_the_rest_not_run(tmp_path):
-    class Backend:
+    tiny = Backend(tiny=True)
+
+    class CancelledUSO:
+        backend = tiny
         calls = 0
 
         def generate(self, **kwargs):
-            Backend.calls += 1
+            CancelledUSO.calls += 1
             raise api.Cancelled("cancelled")
 
-    defaults = cli.defaults_for("tiny")
-    jobs = [manifest.job_from_values({"prompt": f"p{i}"}, "tiny", defaults) for i in range(3)]
+    jobs = [manifest.job_from_values({"prompt": f"p{i}"}, tiny, job_defaults(tiny)) for i in range(3)]
     jobs = [manifest.Job(**{**j.__dict__, "index": i + 1}) for i, j in enumerate(jobs)]
-    outcomes = batch.run_jobs(jobs, Backend, str(tmp_path), "tiny")
-    assert [o.status for o in outcomes] == ["cancelled", "not run", "not run"] and Backend.calls == 1
+    outcomes = batch.run_jobs(jobs, tiny, CancelledUSO, str(tmp_path))
+    assert [o.status for o in outcomes] == ["cancelled", "not run", "not run"] and CancelledUSO.calls == 1
     assert "1 cancelled, 2 not run" in batch.summary(outcomes, 1.0, str(tmp_path))
 
 
