@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from nodes.files import png_info
 from nodes.jobs import manifest
 from nodes.jobs import runner as batch
 from nodes.jobs.backend import Backend
-from nodes.jobs.plan import job_defaults, jobs_for
+from nodes.jobs.plan import job_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,6 +78,8 @@ def test_tiny_single_image_in_a_subprocess(tmp_path):
     assert params["prompt"] == "a red fox" and params["seed"] == 7 and params["backend"] == "tiny"
     assert (params["width"], params["height"], params["steps"], params["guidance"]) == (64, 64, 4, 4.0)
     assert "noise" in params["note"]
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert params["software"] == f"comfyui-uso {version}"     # the pack's version, not 'unknown'
     assert "Summary: 1 job: 1 done (1 image), 0 skipped, 0 failed" in proc.stdout
 
 
