@@ -163,7 +163,7 @@ def throw_if_interrupted() -> None:
 class Progress:
     """ComfyUI's progress bar for one node; silent outside ComfyUI unless a listener is set."""
 
-    #: Outside ComfyUI: called as listener(current, total, node_id); tests and the CLI use it.
+    #: Outside ComfyUI: called as listener(current, total, node_id); the tests use it.
     listener: Callable[[int, int, str | None], None] | None = None
 
     def __init__(self, total: int, node_id: str | None = None):
