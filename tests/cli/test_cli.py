@@ -256,6 +256,27 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 # -- model files -------------------------------------------------------------------------------------
 
+def test_run_manifest_in_this_process_loads_the_files_it_checked(tiny_models, tmp_path, pictures):
+    """api.run_manifest without Ray: a missing file stops it before anything runs; else the
+    files it found are the ones loaded (and named in the PNGs)."""
+    from nodes.files.model_paths import ModelPathError
+
+    p = tiny_models.paths
+    files = dict(transformer=p["flux_bfl"], vae=p["ae"], t5=p["t5_fp16"], clip_l=p["clip_l"], siglip=p["siglip_file"],
+                 uso_lora=p["lora_comfy"], projector=p["projector_comfy"], tokenizers=p["tokenizer_t5"].parent)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a cat", "style": str(pictures["style"]), "width": 32, "height": 32,
+                                "steps": 2, "long_side": 64, "seed": 5}) + "\n")
+    with pytest.raises(ModelPathError, match="missing.safetensors"):
+        api.run_manifest(jobs, tmp_path / "out", **{**files, "vae": tmp_path / "missing.safetensors"})
+    assert not (tmp_path / "out").exists()
+    results = api.run_manifest(jobs, tmp_path / "out", **files)
+    assert [r["status"] for r in results] == ["done"], results
+    params = png_info.read_parameters(results[0]["outputs"][0])
+    assert params["backend"] == "local" and params["seed"] == 5
+    assert params["models"]["transformer"] == "flux1-dev.safetensors"
+
+
 def test_explicit_model_paths(tiny_models, tmp_path, pictures, capsys):
     p = tiny_models.paths
     code, out, err = run([
