@@ -20,6 +20,7 @@ equals a single run with that seed. The engine underneath is `nodes.engine.USOPi
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -28,26 +29,19 @@ from typing import Callable, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .cli import model_paths, png_info
+from .cancel import Cancelled  # what `generate` raises after `cancel()` (Ctrl-C on the command line)
 from .engine import EngineOptions, InputError, USOPipeline
 from .engine.pipeline import SEED_MAX, batch_seeds
-from .cli.image_files import load_image, to_8bit
+from .files import model_paths, png_info
+from .files.image_files import load_image, to_8bit
+from .jobs import ray_runner, runner
+from .jobs.backend import TINY_NOTICE, Backend
+from .jobs.plan import jobs_for
+from .jobs.progress import BatchProgress
+from .remote import Hooks, RemoteInputs, Settings
+from .remote import generate as generate_remotely
 
 ImageInput = Union[str, os.PathLike, Image.Image]
-
-#: USO Generate's defaults (and USO Encode Style / Subject's), shared by the command line.
-DEFAULTS = dict(prompt="", width=1024, height=1024, keep_size=False, steps=25, guidance=4.0, seed=0,
-                batch_size=1, style_crop="reference", long_side=512, shift="reference")
-#: What --tiny / load(tiny=True) uses instead, so the whole path runs in seconds.
-TINY_DEFAULTS = dict(width=64, height=64, steps=4, long_side=64)
-#: USO Remote Generate's defaults where they differ (the providers' own default step count).
-REMOTE_DEFAULTS = dict(steps=28)
-TINY_NOTICE = ("SMOKE TEST (--tiny): random tiny models, no weights were loaded. This checks the "
-               "install end to end; the images are noise by design.")
-
-
-class Cancelled(Exception):
-    """The run was cancelled through `cancel()` (Ctrl-C on the command line)."""
 
 
 @dataclass
@@ -134,15 +128,15 @@ class _Cancellable:
         self._cancel.clear()
 
 
-class USO(_Cancellable):
-    """Local USO: the loaded models (`pipeline`) and `generate`."""
+class LocalUSO(_Cancellable):
+    """USO on this machine: the loaded models (`pipeline`) and `generate`."""
 
-    def __init__(self, pipeline: USOPipeline, backend: str = "local", models: dict | None = None):
+    def __init__(self, pipeline: USOPipeline, backend: Backend = Backend(), models: dict | None = None):
         super().__init__()
         self.pipeline = pipeline
-        self.backend = backend                      # "local" or "tiny"
+        self.backend = backend                      # Backend() or Backend(tiny=True)
         self.models = models or {}                  # slot -> file name, for the metadata
-        self.defaults = {**DEFAULTS, **(TINY_DEFAULTS if backend == "tiny" else {})}
+        self.defaults = backend.defaults
 
     def generate(self, prompt: str | None = None, *, subject: ImageInput | None = None,
                  styles: ImageInput | Sequence[ImageInput] | None = None, width: int | None = None,
@@ -198,13 +192,13 @@ class USO(_Cancellable):
             "long_side": int(p["long_side"]), "shift": p["shift"], "extra_references": bool(extra_references),
             "loras": [[os.path.basename(path), strength] for path, strength in lora_list],
             "init_image": _describe_image(init_image), "denoise": denoise,
-            "backend": self.backend,
+            "backend": self.backend.name,
             "precision": str(pipe.precision.compute).replace("torch.", ""), "device": pipe.device.type,
             # What ran: on a CPU nothing is placed on or offloaded to a GPU, whatever the plan is called.
             "memory": pipe.memory_mode if pipe.placement.moves else "none (cpu)",
             "models": self.models, "software": png_info.software(),
         }
-        if self.backend == "tiny":
+        if self.backend.tiny:
             parameters["note"] = TINY_NOTICE
         return Output(images, list(result.seeds), parameters, result.latents, pipe.lora_warnings)
 
@@ -214,25 +208,42 @@ def load(*, tiny: bool = False, comfy_models: str | Sequence[str] | None = None,
          transformer: str | None = None, vae: str | None = None, t5: str | None = None,
          clip_l: str | None = None, siglip: str | None = None, uso_lora: str | None = None,
          projector: str | None = None, tokenizers: str | None = None, precision: str = "auto",
-         memory: str = "auto", device: str | None = None,
-         on_load_step: Callable[[str], None] | None = None) -> USO:
+         memory: str = "auto", device: str | None = None, on_load_step: Callable[[str], None] | None = None,
+         resolved: model_paths.ResolvedModels | None = None) -> LocalUSO:
     """Load USO once. Files come from explicit paths (or names inside the ComfyUI folders), a
     diffusers FLUX.1-dev folder, ComfyUI ``models/`` folders and extra_model_paths.yaml files
-    (see `nodes.model_paths`). ``tiny=True`` builds random tiny models instead (no files)."""
+    (see `nodes.files.model_paths`); `resolved`: what `resolve_files` found already (a driver
+    hands it to its workers, whose current folder may differ). ``tiny=True`` builds random tiny
+    models instead (no files)."""
     options = EngineOptions(precision=precision, memory=memory, device=device)
     if tiny:
         from .engine.random_models import build_random_models
 
         if on_load_step:
             on_load_step("random tiny models")
-        return USO(USOPipeline(build_random_models("tiny"), options), "tiny", {"models": "random-tiny"})
-    resolved = resolve_files(comfy_models=comfy_models, extra_model_paths=extra_model_paths, diffusers=diffusers,
-                             transformer=transformer, vae=vae, t5=t5, clip_l=clip_l, siglip=siglip,
-                             uso_lora=uso_lora, projector=projector, tokenizers=tokenizers)
+        return LocalUSO(USOPipeline(build_random_models("tiny"), options), Backend(tiny=True),
+                        {"models": "random-tiny"})
+    if resolved is None:
+        resolved = resolve_files(comfy_models=comfy_models, extra_model_paths=extra_model_paths, diffusers=diffusers,
+                                 transformer=transformer, vae=vae, t5=t5, clip_l=clip_l, siglip=siglip,
+                                 uso_lora=uso_lora, projector=projector, tokenizers=tokenizers)
     options = EngineOptions(precision=precision, memory=memory, device=device,
                             comfy_tokenizer_dirs=resolved.comfy_tokenizer_dirs)
     pipe = USOPipeline.from_files(resolved.files, options, on_load_step)
-    return USO(pipe, "local", model_names(resolved.files))
+    return LocalUSO(pipe, Backend(), model_names(resolved.files))
+
+
+def open_backend(backend: Backend, *, precision: str = "auto", memory: str = "auto", device: str | None = None,
+                 on_load_step: Callable[[str], None] | None = None, timeout_s: int = 600,
+                 safety_checker: bool = True, **model_files) -> "LocalUSO | RemoteUSO":
+    """The USO that runs `backend`'s jobs: `load` on this machine (`model_files` are its
+    comfy_models, diffusers, transformer, ... or resolved), `remote` for a provider. What the
+    command line and `run_manifest` hand the runners, which call it in this process or on each
+    Ray worker."""
+    if backend.is_local:
+        return load(tiny=backend.tiny, precision=precision, memory=memory, device=device,
+                    on_load_step=on_load_step, **model_files)
+    return remote(backend.provider, timeout_s=timeout_s, safety_checker=safety_checker)
 
 
 def run_manifest(manifest: str | os.PathLike, out: str | os.PathLike = "out", *, tiny: bool = False,
@@ -240,7 +251,7 @@ def run_manifest(manifest: str | os.PathLike, out: str | os.PathLike = "out", *,
                  overwrite: bool = False, progress: bool = False, precision: str = "auto", memory: str = "auto",
                  device: str | None = None, **model_files) -> list[dict]:
     """Every job of a JSON Lines / CSV manifest, as ``python -m nodes.cli --manifest`` runs it:
-    every row checked first (nodes.cli.manifest.ManifestError lists the problems), the same
+    every row checked first (nodes.jobs.manifest.ManifestError lists the problems), the same
     output names inside `out`, PNGs with their parameters, finished jobs skipped unless
     `overwrite`, a failed job recorded and the others run. One dict per job (status, outputs,
     error, seconds, parameters).
@@ -249,24 +260,18 @@ def run_manifest(manifest: str | os.PathLike, out: str | os.PathLike = "out", *,
     "auto" or an address joins one (or the one this process has already `ray.init`-ed); one
     worker per GPU, at most `ray_workers` (without GPUs, `ray_workers` CPU workers, default 1).
     `model_files` are `load`'s: comfy_models, diffusers, transformer, ..."""
-    import functools
-
-    from .cli import batch, ray_runner
-    from .cli.command import jobs_for
-
-    kind = "tiny" if tiny else "local"
-    jobs = jobs_for({}, os.fspath(manifest), kind)
-    if not tiny:
-        resolve_files(**model_files)          # a missing file is reported before anything runs
-    make_backend = functools.partial(load, tiny=tiny, precision=precision, memory=memory, device=device,
-                                     **model_files)
+    backend = Backend(tiny=tiny)
+    jobs = jobs_for({}, os.fspath(manifest), backend)
+    resolved = None if tiny else resolve_files(**model_files)   # a missing file is reported before anything runs
+    open_uso = functools.partial(open_backend, backend, precision=precision, memory=memory, device=device,
+                                 resolved=resolved)
     out_dir = os.path.abspath(os.fspath(out))
-    bars = batch.Progress(len(jobs), enabled=progress)
+    bars = BatchProgress(len(jobs), enabled=progress)
     try:
         if ray is None:
-            outcomes = batch.run_jobs(jobs, make_backend, out_dir, kind, overwrite=overwrite, progress=bars)
+            outcomes = runner.run_jobs(jobs, backend, open_uso, out_dir, overwrite=overwrite, progress=bars)
         else:
-            outcomes = ray_runner.run_on_ray(jobs, make_backend, out_dir, kind, address=ray, workers=ray_workers,
+            outcomes = ray_runner.run_on_ray(jobs, backend, open_uso, out_dir, address=ray, workers=ray_workers,
                                              overwrite=overwrite, progress=bars, write_on_workers=ray_shared_out)
     finally:
         bars.close()
@@ -306,18 +311,14 @@ class RemoteUSO(_Cancellable):
     def __init__(self, provider: str, *, timeout_s: int = 600, safety_checker: bool = True,
                  output_format: str = "png", user_dir: str | None = None):
         super().__init__()
-        from .remote import PROVIDERS
-
-        if provider not in PROVIDERS:
-            raise ValueError(f"provider: '{provider}' is not one of {', '.join(PROVIDERS)}")
+        self.backend = Backend(provider=provider)   # ValueError for a provider that is not one
         self.provider = provider
-        self.backend = provider
         self.timeout_s, self.safety_checker, self.output_format = timeout_s, safety_checker, output_format
         if user_dir is None:
             root = model_paths.enclosing_comfyui()
             user_dir = os.path.join(root, "user") if root else None
         self.user_dir = user_dir
-        self.defaults = {**DEFAULTS, **REMOTE_DEFAULTS}
+        self.defaults = self.backend.defaults
 
     def generate(self, prompt: str | None = None, *, subject: ImageInput | None = None,
                  styles: ImageInput | Sequence[ImageInput] | None = None, width: int | None = None,
@@ -326,9 +327,6 @@ class RemoteUSO(_Cancellable):
                  negative_prompt: str = "", on_status: Callable[[str], None] | None = None,
                  on_progress: Callable[[float], None] | None = None) -> Output:
         """One request. seed 0 lets the provider pick (the seed used is in `Output.seeds`)."""
-        from .remote import Cancelled as RemoteCancelled
-        from .remote import Hooks, RemoteInputs, Settings, generate
-
         given = dict(prompt=prompt, width=width, height=height, keep_size=keep_size, steps=steps,
                      guidance=guidance, seed=seed, batch_size=batch_size)
         p = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
@@ -346,17 +344,14 @@ class RemoteUSO(_Cancellable):
                       progress=on_progress or (lambda _f: None))
         settings = Settings.from_env(poll_interval_s=self.POLL_INTERVAL_S, backoff_base_s=self.BACKOFF_BASE_S,
                                      in_comfyui=False)
-        try:
-            result = generate(inputs, user_dir=self.user_dir, hooks=hooks, settings=settings)
-        except RemoteCancelled:
-            raise Cancelled("cancelled") from None
+        result = generate_remotely(inputs, user_dir=self.user_dir, hooks=hooks, settings=settings)
         w, h = result.images[0].size
         parameters = {
             "prompt": p["prompt"], "negative_prompt": negative_prompt or "", "subject": _describe_image(subject),
             "styles": [_describe_image(s) for s in styles], "width": w, "height": h,
             "keep_size": bool(p["keep_size"]), "steps": int(p["steps"]), "guidance": float(p["guidance"]),
             "seed": int(result.seed), "requested_seed": int(p["seed"]), "batch_size": len(result.images),
-            "backend": self.provider, "request_id": result.request_id, "software": png_info.software(),
+            "backend": self.backend.name, "request_id": result.request_id, "software": png_info.software(),
         }
         return Output([img.convert("RGB") for img in result.images], [int(result.seed)] * len(result.images),
                       parameters, None, list(result.warnings))

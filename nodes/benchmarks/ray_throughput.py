@@ -6,7 +6,7 @@
 Random-weight models of `--size` (nodes/engine/random_models.py), one style image shared by every
 job (as a manifest of one look would), distinct prompts and seeds. Measures, on this machine:
 
-- one process (`batch.run_jobs`, the command line without --ray): seconds per job after the models
+- one process (`runner.run_jobs`, the command line without --ray): seconds per job after the models
   are loaded;
 - a local Ray cluster started for the run with 1 and then 2 CPU workers (`ray_runner.run_on_ray`,
   each worker with --threads CPUs, as the one process): the whole run (cluster start, workers
@@ -32,24 +32,28 @@ import time
 import numpy as np
 from PIL import Image
 
-from ..cli import batch, ray_runner
-from ..cli.command import jobs_for
+from ..jobs import ray_runner, runner
+from ..jobs.backend import Backend
+from ..jobs.plan import jobs_for
+from ..jobs.progress import BatchProgress
+
+TINY = Backend(tiny=True)     # random weights: what the PNGs record, and tiny's job defaults
 
 PROMPTS = ("a cat in the city at night", "a portrait of a woman with a red hat", "a dog in a green forest",
            "a sketch of a man", "an oil painting of the sky", "a photo of a blue city")
 
 
-def random_backend(size: str):
+def random_uso(size: str):
     """A loaded USO on random `size` weights (module level: Ray workers unpickle it by name)."""
     from .. import api
     from ..engine import EngineOptions, USOPipeline
     from ..engine.random_models import build_random_models
 
-    return api.USO(USOPipeline(build_random_models(size), EngineOptions(device="cpu")), "tiny",
+    return api.LocalUSO(USOPipeline(build_random_models(size), EngineOptions(device="cpu")), TINY,
                    {"models": f"random-{size}"})
 
 
-class _Clock(batch.Progress):
+class _Clock(BatchProgress):
     """Progress lines with their times: when each worker was ready, when each job finished."""
 
     def __init__(self, total):
@@ -100,27 +104,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import ray
 
-    make = functools.partial(random_backend, args.size)
+    make = functools.partial(random_uso, args.size)
     import torch
 
     torch.set_num_threads(args.threads)
     result = {"size": args.size, "jobs": args.jobs, "width": args.width, "height": args.height,
               "steps": args.steps, "threads": args.threads, "load_before": _load()}
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = jobs_for({}, _manifest(tmp, args), "tiny")
+        jobs = jobs_for({}, _manifest(tmp, args), TINY)
 
         started = time.monotonic()
-        backend = make()
+        uso = make()
         load_s = time.monotonic() - started
-        outcomes = batch.run_jobs(jobs, lambda: backend, os.path.join(tmp, "one"), "tiny",
-                                  progress=_Clock(len(jobs)))
+        outcomes = runner.run_jobs(jobs, TINY, lambda: uso, os.path.join(tmp, "one"),
+                                   progress=_Clock(len(jobs)))
         one_s = time.monotonic() - started - load_s
         assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes]
         per_job = statistics.median(o.seconds for o in outcomes[1:])     # the first one warms up
         result["one_process"] = {"load_s": round(load_s, 2), "s_per_job": round(per_job, 4),
                                  "jobs_per_min": round(60 / per_job, 1),
                                  "jobs_per_min_mean": round(60 * len(jobs) / one_s, 1)}
-        del backend
+        del uso
 
         for n in args.workers:
             started = time.monotonic()
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
                      configure_logging=False, object_store_memory=200 * 1024 ** 2)
             init_s = time.monotonic() - started
             clock = _Clock(len(jobs))
-            outcomes = ray_runner.run_on_ray(jobs, make, os.path.join(tmp, f"ray{n}"), "tiny", workers=n,
+            outcomes = ray_runner.run_on_ray(jobs, TINY, make, os.path.join(tmp, f"ray{n}"), workers=n,
                                              progress=clock)
             total_s = time.monotonic() - started
             ray.shutdown()

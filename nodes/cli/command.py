@@ -23,9 +23,15 @@ import threading
 import time
 
 from .. import api
-from . import batch, manifest, model_paths, ray_runner
-from ..engine import EngineOptions, TokenizerNotFoundError, USOError
+from ..engine import TokenizerNotFoundError, USOError
 from ..engine.memory import MEMORY_MODES, PRECISIONS
+from ..files import model_paths
+from ..jobs import manifest, ray_runner, runner
+from ..jobs.backend import TINY_NOTICE, Backend
+from ..jobs.plan import jobs_for
+from ..jobs.progress import BatchProgress
+from ..remote import KeyProblem
+from ..remote.keys import resolve_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 MODEL_FLAGS = ("comfy_models", "extra_model_paths", "diffusers", "transformer", "vae", "t5", "clip_l", "siglip",
@@ -135,8 +141,8 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _kind(args) -> str:
-    return "tiny" if args.tiny else (args.provider or "local")
+def _backend(args) -> Backend:
+    return Backend(provider=args.provider, tiny=args.tiny)
 
 
 def _check_flags(args) -> list[str]:
@@ -162,43 +168,16 @@ def _check_flags(args) -> list[str]:
     return problems
 
 
-def defaults_for(kind: str) -> dict:
-    base = dict(api.DEFAULTS, negative_prompt="", output=None, subject=None, styles=(), extra_references=False,
-                loras=(), init_image=None, denoise=1.0)
-    if kind == "tiny":
-        base.update(api.TINY_DEFAULTS)
-    elif kind not in manifest.LOCAL_KINDS:
-        base.update(api.REMOTE_DEFAULTS)
-    return base
-
-
-def plan_jobs(args, kind: str) -> list[manifest.Job]:
+def plan_jobs(args, backend: Backend) -> list[manifest.Job]:
     """The checked jobs; manifest.ManifestError lists every problem."""
-    return jobs_for({f: getattr(args, f) for f in JOB_FLAGS}, args.manifest, kind)
-
-
-def jobs_for(given: dict, manifest_path: str | None, kind: str) -> list[manifest.Job]:
-    """The manifest's jobs with `given` (values not None) as every row's defaults, or the one job
-    `given` describes; manifest.ManifestError lists every problem. Shared with `api.run_manifest`."""
-    defaults = defaults_for(kind)
-    if not manifest_path:
-        return [manifest.job_from_values(given, kind, defaults)]
-    checked, problems = manifest.check_fields({k: v for k, v in given.items() if v is not None}, kind, os.getcwd(),
-                                           defaults)
-    if problems:
-        raise manifest.ManifestError([f"command line: {p}" for p in problems])
-    jobs = manifest.jobs_from_manifest(manifest_path, kind, checked)
-    clashes = batch.output_clashes(jobs, kind)
-    if clashes:
-        raise manifest.ManifestError(clashes)
-    return jobs
+    return jobs_for({f: getattr(args, f) for f in JOB_FLAGS}, args.manifest, backend)
 
 
 class _Interrupts:
     """First Ctrl-C cancels the running job (and the remote request); the second stops at once."""
 
     def __init__(self):
-        self.backend = None
+        self.uso = None
         self.requested = False
         self._previous = None
 
@@ -212,11 +191,11 @@ class _Interrupts:
             signal.signal(signal.SIGINT, self._previous)
 
     def _handle(self, _sig, _frame):
-        if self.requested or self.backend is None:
+        if self.requested or self.uso is None:
             raise KeyboardInterrupt
         self.requested = True
         _err("\nCancelling the running job (press Ctrl-C again to stop at once)...")
-        self.backend.cancel()
+        self.uso.cancel()
 
 
 @contextlib.contextmanager
@@ -246,64 +225,53 @@ def _quiet_libraries(verbose: bool):
                 os.environ[k] = v
 
 
-def _make_backend(args, kind: str, resolved):
+def _open_uso(args, backend: Backend, resolved):
+    """The USO that runs the jobs (`api.open_backend`, with the model files `_run` found), with a
+    setup failure as SetupError."""
     def on_load(what: str) -> None:
         _err(f"loading {what} ...")
 
     started = time.monotonic()
     try:
-        if kind == "tiny":
-            backend = api.load(tiny=True, precision=args.precision, memory=args.memory, device=args.device,
-                               on_load_step=on_load)
-        elif kind == "local":
-            from ..engine import USOPipeline
-
-            options = EngineOptions(precision=args.precision, memory=args.memory, device=args.device,
-                                    comfy_tokenizer_dirs=resolved.comfy_tokenizer_dirs)
-            backend = api.USO(USOPipeline.from_files(resolved.files, options, on_load), "local",
-                              api.model_names(resolved.files))
-        else:
-            backend = api.remote(kind, timeout_s=args.timeout, safety_checker=not args.no_safety_checker)
+        uso = api.open_backend(backend, precision=args.precision, memory=args.memory, device=args.device,
+                               on_load_step=on_load, timeout_s=args.timeout,
+                               safety_checker=not args.no_safety_checker, resolved=resolved)
     except TokenizerNotFoundError as exc:
         raise SetupError(f"{exc} On the command line: --tokenizers DIR (a folder holding t5/ and clip_l/), or "
                          "--diffusers DIR, or --comfy-models pointing into a ComfyUI installation, whose own "
                          "tokenizer files are then used.") from exc
     except (USOError, OSError, ValueError) as exc:
         raise SetupError(str(exc)) from exc
-    if kind in manifest.LOCAL_KINDS:
-        pipe = backend.pipeline
+    if backend.is_local:
+        pipe = uso.pipeline
         memory = f", memory {pipe.memory_mode}" if pipe.device.type != "cpu" else ""
         _err(f"models ready in {time.monotonic() - started:.1f} s on {pipe.device} "
              f"({str(pipe.precision.compute).replace('torch.', '')}{memory})")
-    return backend
+    return uso
 
 
-def _check_remote_key(kind: str) -> None:
-    from ..remote import KeyProblem
-    from ..remote.keys import resolve_key
-
+def _check_remote_key(provider: str) -> None:
     root = model_paths.enclosing_comfyui()
     try:
-        resolve_key(kind, os.path.join(root, "user") if root else None, in_comfyui=False)
+        resolve_key(provider, os.path.join(root, "user") if root else None, in_comfyui=False)
     except KeyProblem as exc:
         raise SetupError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    kind = _kind(args)
     problems = _check_flags(args)
     if problems:
         for p in problems:
             _err(f"error: {p}")
         return EXIT_USAGE
     with _quiet_libraries(args.verbose):
-        return _run(args, kind)
+        return _run(args, _backend(args))
 
 
-def _run(args, kind: str) -> int:
+def _run(args, backend: Backend) -> int:
     try:
-        jobs = plan_jobs(args, kind)
+        jobs = plan_jobs(args, backend)
     except manifest.ManifestError as exc:
         for p in exc.problems:
             _err(f"error: {p}")
@@ -312,12 +280,12 @@ def _run(args, kind: str) -> int:
 
     resolved = None
     try:
-        if kind == "local":
+        if not backend.is_local:
+            _check_remote_key(backend.provider)
+        elif not backend.tiny:   # a missing file is reported before anything loads
             resolved = api.resolve_files(**{f: getattr(args, f) for f in MODEL_FLAGS})
             for note in resolved.notes:
                 _err(f"  {note}")
-        elif kind not in manifest.LOCAL_KINDS:
-            _check_remote_key(kind)
         if args.ray:
             ray_runner.import_ray()
     except (model_paths.ModelPathError, SetupError, ray_runner.RaySetupError) as exc:
@@ -329,33 +297,33 @@ def _run(args, kind: str) -> int:
     numbered = bool(args.manifest)
     if args.dry_run:
         for job in jobs:
-            paths = batch.output_paths(job, out_dir, kind, numbered)
+            paths = runner.output_paths(job, out_dir, backend, numbered)
             state = "exists" if all(os.path.exists(p) for p in paths) and not args.overwrite else "to do"
-            print(f"job {job.index} ({job.where}) [{state}]: {', '.join(batch.display_path(p) for p in paths)}")
+            print(f"job {job.index} ({job.where}) [{state}]: {', '.join(runner.display_path(p) for p in paths)}")
         print(f"dry run: {len(jobs)} job{'s' if len(jobs) != 1 else ''} checked; nothing generated.")
         return EXIT_OK
-    if kind == "tiny":  # only when images are about to be made: they are the noise it warns of
-        _err("=" * 78 + f"\n{api.TINY_NOTICE}\n" + "=" * 78)
+    if backend.tiny:  # only when images are about to be made: they are the noise it warns of
+        _err("=" * 78 + f"\n{TINY_NOTICE}\n" + "=" * 78)
 
     interrupts = _Interrupts()
 
-    def get_backend():
-        interrupts.backend = _make_backend(args, kind, resolved)
-        return interrupts.backend
+    def open_uso():
+        interrupts.uso = _open_uso(args, backend, resolved)
+        return interrupts.uso
 
-    progress = batch.Progress(len(jobs), {"auto": None, "on": True, "off": False}[args.progress])
+    progress = BatchProgress(len(jobs), {"auto": None, "on": True, "off": False}[args.progress])
     started = time.monotonic()
     try:
         if args.ray:   # Ctrl-C raises KeyboardInterrupt in the driver, which stops the workers
             outcomes = ray_runner.run_on_ray(
-                jobs, functools.partial(_make_backend, args, kind, resolved), out_dir, kind, address=args.ray,
+                jobs, backend, functools.partial(_open_uso, args, backend, resolved), out_dir, address=args.ray,
                 workers=args.ray_workers, overwrite=args.overwrite, numbered=numbered, progress=progress,
                 tracebacks=args.verbose, verbose=args.verbose, write_on_workers=args.ray_shared_out)
         else:
             with interrupts:
-                outcomes = batch.run_jobs(jobs, get_backend, out_dir, kind, overwrite=args.overwrite,
-                                          numbered=numbered, progress=progress,
-                                          on_cancel_check=lambda: interrupts.requested, tracebacks=args.verbose)
+                outcomes = runner.run_jobs(jobs, backend, open_uso, out_dir, overwrite=args.overwrite,
+                                           numbered=numbered, progress=progress,
+                                           on_cancel_check=lambda: interrupts.requested, tracebacks=args.verbose)
     except (SetupError, ray_runner.RaySetupError) as exc:
         progress.close()
         _err(f"error: {exc}")
@@ -368,12 +336,12 @@ def _run(args, kind: str) -> int:
     progress.close()
 
     seconds = time.monotonic() - started
-    print(batch.summary(outcomes, seconds, out_dir), flush=True)
-    if kind == "tiny":
+    print(runner.summary(outcomes, seconds, out_dir), flush=True)
+    if backend.tiny:
         works = all(o.status in ("done", "skipped") for o in outcomes)
         print(f"(--tiny smoke test: the images are noise by design{'; the install works' if works else ''}.)")
     if args.summary_json:
-        data = {"backend": kind, "seconds": round(seconds, 3), "out": out_dir,
+        data = {"backend": backend.name, "seconds": round(seconds, 3), "out": out_dir,
                 "jobs": [o.as_dict() for o in outcomes]}
         os.makedirs(os.path.dirname(os.path.abspath(args.summary_json)), exist_ok=True)
         with open(args.summary_json, "w", encoding="utf-8") as f:

@@ -15,6 +15,7 @@ import weakref
 from typing import Callable
 
 from .. import model_catalog
+from ..cancel import Cancelled
 
 log = logging.getLogger("uso")
 
@@ -128,10 +129,6 @@ def shipped_tokenizer_dirs() -> dict[str, str]:
 # Cancel
 # ---------------------------------------------------------------------------------------------
 
-class Interrupted(Exception):
-    """Raised outside ComfyUI when a run is cancelled (ComfyUI raises its own exception)."""
-
-
 _standalone_interrupt = threading.Event()
 
 
@@ -150,13 +147,13 @@ def interrupt_requested() -> bool:
 
 
 def throw_if_interrupted() -> None:
-    """Raise ComfyUI's interrupt exception (or `Interrupted`) once Cancel was pressed."""
+    """Raise ComfyUI's interrupt exception once Cancel was pressed (outside ComfyUI: `Cancelled`)."""
     if _mm is not None:
         _mm.throw_exception_if_processing_interrupted()
         return
     if _standalone_interrupt.is_set():
         _standalone_interrupt.clear()
-        raise Interrupted("cancelled")
+        raise Cancelled("cancelled")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +163,7 @@ def throw_if_interrupted() -> None:
 class Progress:
     """ComfyUI's progress bar for one node; silent outside ComfyUI unless a listener is set."""
 
-    #: Outside ComfyUI: called as listener(current, total, node_id); tests and the CLI use it.
+    #: Outside ComfyUI: called as listener(current, total, node_id); the tests use it.
     listener: Callable[[int, int, str | None], None] | None = None
 
     def __init__(self, total: int, node_id: str | None = None):

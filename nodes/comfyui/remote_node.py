@@ -109,7 +109,7 @@ class USORemoteGenerate:
             result = generate(inputs, user_dir=bridge.user_directory(), hooks=hooks, settings=settings)
         except Cancelled:
             bridge.throw_if_interrupted()
-            raise bridge.Interrupted("USO Remote Generate was cancelled") from None
+            raise Cancelled("USO Remote Generate was cancelled") from None
         return (pils_to_image_batch(result.images), int(result.seed))
 
 

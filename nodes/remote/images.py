@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..cli.image_files import open_image
+from ..image_limits import open_image
 from .errors import InputProblem, ProviderError
 from .transport import url_problem
 
@@ -100,7 +100,7 @@ def item_bytes(item: object, download: Callable[[str], bytes]) -> bytes:
 
 def to_rgb(data: bytes) -> Image.Image:
     """An RGB image from a result file; refused (ValueError) when its header claims more pixels than
-    `image_files.MAX_PIXELS`, before anything is decoded."""
+    `image_limits.MAX_PIXELS`, before anything is decoded."""
     try:
         opened = open_image(io.BytesIO(data))
     except ValueError as exc:

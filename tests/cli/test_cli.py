@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,12 @@ import pytest
 from PIL import Image
 
 from nodes import api
-from nodes.cli import batch, command as cli, manifest, png_info
+from nodes.cli import command as cli
+from nodes.files import png_info
+from nodes.jobs import manifest
+from nodes.jobs import runner as batch
+from nodes.jobs.backend import Backend
+from nodes.jobs.plan import job_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,6 +78,8 @@ def test_tiny_single_image_in_a_subprocess(tmp_path):
     assert params["prompt"] == "a red fox" and params["seed"] == 7 and params["backend"] == "tiny"
     assert (params["width"], params["height"], params["steps"], params["guidance"]) == (64, 64, 4, 4.0)
     assert "noise" in params["note"]
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert params["software"] == f"comfyui-uso {version}"     # the pack's version, not 'unknown'
     assert "Summary: 1 job: 1 done (1 image), 0 skipped, 0 failed" in proc.stdout
 
 
@@ -205,7 +213,7 @@ def test_csv_manifest_types_and_line_numbers(tmp_path, pictures, capsys):
     assert "SMOKE TEST" not in err  # nothing is generated, so no warning about noise images
     assert "job 1 (jobs.csv line 2) [to do]: " in out and "cat.png" in out
     assert "job 2 (jobs.csv line 4) [to do]: " in out and "0002_multi-line-prompt_6.png" in out
-    jobs = cli.plan_jobs(cli.build_parser().parse_args(["--tiny", "--manifest", str(manifest)]), "tiny")
+    jobs = cli.plan_jobs(cli.build_parser().parse_args(["--tiny", "--manifest", str(manifest)]), Backend(tiny=True))
     assert jobs[0].prompt == "a cat, sitting" and jobs[0].keep_size is False and jobs[0].steps == 2
     assert [os.path.basename(s) for s in jobs[0].styles] == ["style.jpg", "style2.png"]
     assert jobs[1].prompt == "multi\nline prompt" and jobs[1].subject is None and jobs[1].seed == 6
@@ -247,6 +255,27 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 
 # -- model files -------------------------------------------------------------------------------------
+
+def test_run_manifest_in_this_process_loads_the_files_it_checked(tiny_models, tmp_path, pictures):
+    """api.run_manifest without Ray: a missing file stops it before anything runs; else the
+    files it found are the ones loaded (and named in the PNGs)."""
+    from nodes.files.model_paths import ModelPathError
+
+    p = tiny_models.paths
+    files = dict(transformer=p["flux_bfl"], vae=p["ae"], t5=p["t5_fp16"], clip_l=p["clip_l"], siglip=p["siglip_file"],
+                 uso_lora=p["lora_comfy"], projector=p["projector_comfy"], tokenizers=p["tokenizer_t5"].parent)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a cat", "style": str(pictures["style"]), "width": 32, "height": 32,
+                                "steps": 2, "long_side": 64, "seed": 5}) + "\n")
+    with pytest.raises(ModelPathError, match="missing.safetensors"):
+        api.run_manifest(jobs, tmp_path / "out", **{**files, "vae": tmp_path / "missing.safetensors"})
+    assert not (tmp_path / "out").exists()
+    results = api.run_manifest(jobs, tmp_path / "out", **files)
+    assert [r["status"] for r in results] == ["done"], results
+    params = png_info.read_parameters(results[0]["outputs"][0])
+    assert params["backend"] == "local" and params["seed"] == 5
+    assert params["models"]["transformer"] == "flux1-dev.safetensors"
+
 
 def test_explicit_model_paths(tiny_models, tmp_path, pictures, capsys):
     p = tiny_models.paths
@@ -302,7 +331,7 @@ def test_comfy_models_folder_with_extra_model_paths(tiny_models, tmp_path, pictu
 
 
 def test_model_file_resolution_rules(tiny_models, tmp_path, monkeypatch):
-    from nodes.cli import model_paths as mp
+    from nodes.files import model_paths as mp
 
     monkeypatch.setenv("PWD", str(tmp_path))  # not run from a pack linked into a ComfyUI
 
@@ -340,7 +369,7 @@ def test_model_file_resolution_rules(tiny_models, tmp_path, monkeypatch):
 
 
 def test_model_file_hints_name_both_transformer_defaults_and_an_empty_models_folder(tmp_path):
-    from nodes.cli import model_paths as mp
+    from nodes.files import model_paths as mp
 
     with pytest.raises(mp.ModelPathError) as exc:
         api.resolve_files()
@@ -362,7 +391,7 @@ def test_model_file_hints_name_both_transformer_defaults_and_an_empty_models_fol
 
 
 def test_extra_model_paths_parser_matches_yaml(tmp_path):
-    from nodes.cli import model_paths as mp
+    from nodes.files import model_paths as mp
 
     text = ("comfyui:\n     base_path: path/to/comfyui/\n     # is_default: true\n"
             "     checkpoints: models/checkpoints/\n     diffusion_models: |\n                  models/diffusion_models\n"
@@ -442,18 +471,20 @@ def test_provider_without_a_key_stops_before_any_request(tmp_path, pictures, cap
 # -- runner details ----------------------------------------------------------------------------------
 
 def test_cancel_marks_the_rest_not_run(tmp_path):
-    class Backend:
+    tiny = Backend(tiny=True)
+
+    class CancelledUSO:
+        backend = tiny
         calls = 0
 
         def generate(self, **kwargs):
-            Backend.calls += 1
+            CancelledUSO.calls += 1
             raise api.Cancelled("cancelled")
 
-    defaults = cli.defaults_for("tiny")
-    jobs = [manifest.job_from_values({"prompt": f"p{i}"}, "tiny", defaults) for i in range(3)]
+    jobs = [manifest.job_from_values({"prompt": f"p{i}"}, tiny, job_defaults(tiny)) for i in range(3)]
     jobs = [manifest.Job(**{**j.__dict__, "index": i + 1}) for i, j in enumerate(jobs)]
-    outcomes = batch.run_jobs(jobs, Backend, str(tmp_path), "tiny")
-    assert [o.status for o in outcomes] == ["cancelled", "not run", "not run"] and Backend.calls == 1
+    outcomes = batch.run_jobs(jobs, tiny, CancelledUSO, str(tmp_path))
+    assert [o.status for o in outcomes] == ["cancelled", "not run", "not run"] and CancelledUSO.calls == 1
     assert "1 cancelled, 2 not run" in batch.summary(outcomes, 1.0, str(tmp_path))
 
 
@@ -503,7 +534,7 @@ def test_readme_shows_the_commands():
 
 
 def test_the_comfyui_installation_around_the_pack_is_the_default(tmp_path, monkeypatch):
-    from nodes.cli import model_paths as mp
+    from nodes.files import model_paths as mp
 
     comfy = tmp_path / "ComfyUI"
     (comfy / "models").mkdir(parents=True)

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from nodes import api
-from nodes.cli import command as cli, png_info
+from nodes.cli import command as cli
+from nodes.files import png_info
 
 
 def _model_flags(tm):

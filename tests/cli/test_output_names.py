@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from nodes import api
-from nodes.cli import batch, command as cli
+from nodes.cli import command as cli
+from nodes.jobs import plan, runner
+from nodes.jobs.backend import Backend
 
 COLORS = {"b": [(0, 0, 255)], "a": [(255, 0, 0), (0, 255, 0), (9, 9, 9)]}
 
@@ -21,6 +23,7 @@ def write_manifest(path, rows) -> str:
 
 class GenerousBackend:
     """Returns more images than the job's batch_size, like a provider that ignores num_images."""
+    backend = Backend(tiny=True)
 
     def generate(self, *, prompt, seed, on_step=None, **kwargs):
         images = [Image.new("RGB", (8, 8), c) for c in COLORS[prompt]]
@@ -34,9 +37,10 @@ def pixel(path) -> tuple:
 
 def test_extra_images_are_not_written_over_another_jobs_output(tmp_path):
     rows = [{"prompt": "b", "output": "a_1.png"}, {"prompt": "a", "output": "a.png"}]
-    jobs = cli.jobs_for({}, write_manifest(tmp_path / "jobs.jsonl", rows), "tiny")
+    tiny = Backend(tiny=True)
+    jobs = plan.jobs_for({}, write_manifest(tmp_path / "jobs.jsonl", rows), tiny)
     out = tmp_path / "out"
-    outcomes = batch.run_jobs(jobs, GenerousBackend, str(out), "tiny")
+    outcomes = runner.run_jobs(jobs, tiny, GenerousBackend, str(out))
     assert [o.status for o in outcomes] == ["done", "done"]
     assert outcomes[1].paths == [str(out / "a.png")]
     assert pixel(out / "a_1.png") == (0, 0, 255)  # still job 1's image

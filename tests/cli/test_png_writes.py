@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nodes.cli import png_info
+from nodes.files import png_info
 
 RED, BLUE = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
 

@@ -24,14 +24,20 @@ from pathlib import Path
 import pytest
 
 from nodes import api
-from nodes.cli import batch, command as cli, ray_runner
-from nodes.cli.manifest import Job
+from nodes.cli import command as cli
+from nodes.jobs import ray_runner
+from nodes.jobs import runner as batch
+from nodes.jobs.backend import Backend
+from nodes.jobs.manifest import Job
+from nodes.jobs.plan import jobs_for
+from nodes.jobs.progress import BatchProgress
 
 from reliability_helpers import single_thread
 from test_cli import write_image, write_truncated_png  # tests/cli is on sys.path (pytest rootdir mode)
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW = {"width": 256, "height": 256, "steps": 100}     # ~1.5 s on one core: long enough to be killed in
+TINY = Backend(tiny=True)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def files_in(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-class Lines(batch.Progress):
+class Lines(BatchProgress):
     """Progress that keeps its lines (and can react to them)."""
 
     def __init__(self, total, on_line=None):
@@ -129,7 +135,7 @@ def test_jobs_sharing_reference_images_stay_on_one_worker():
 
 def test_a_worker_killed_mid_job_its_job_runs_again_elsewhere_one_output(ray_address, tmp_path):
     rows = [dict(prompt="long", seed=11, **SLOW), {"prompt": "short a", "seed": 12}, {"prompt": "short b", "seed": 13}]
-    jobs = cli.jobs_for({}, str(write_manifest(tmp_path / "jobs.jsonl", rows)), "tiny")
+    jobs = jobs_for({}, str(write_manifest(tmp_path / "jobs.jsonl", rows)), TINY)
     killed = []
 
     def kill_the_long_jobs_worker(text):
@@ -140,7 +146,7 @@ def test_a_worker_killed_mid_job_its_job_runs_again_elsewhere_one_output(ray_add
 
     progress = Lines(len(jobs), kill_the_long_jobs_worker)
     make = _tiny_loader()
-    outcomes = ray_runner.run_on_ray(jobs, make, str(tmp_path / "out"), "tiny", workers=2, progress=progress,
+    outcomes = ray_runner.run_on_ray(jobs, TINY, make, str(tmp_path / "out"), workers=2, progress=progress,
                                      verbose=True, write_on_workers=True)
     assert killed, progress.lines
     assert [o.status for o in outcomes] == ["done", "done", "done"], progress.lines
@@ -152,7 +158,7 @@ def test_a_worker_killed_mid_job_its_job_runs_again_elsewhere_one_output(ray_add
                                                     "0003_short-b_13.png"]
     # the re-run image is the one a single process makes
     with single_thread():
-        reference = batch.run_jobs(jobs[:1], make, str(tmp_path / "one"), "tiny")
+        reference = batch.run_jobs(jobs[:1], TINY, make, str(tmp_path / "one"))
     assert (tmp_path / "one" / "0001_long_11.png").read_bytes() == (tmp_path / "out" / "0001_long_11.png").read_bytes()
     assert reference[0].status == "done"
 
@@ -163,6 +169,7 @@ class _CrashingTiny:
 
     def __init__(self):
         self.uso = api.load(tiny=True)
+        self.backend = self.uso.backend
 
     def generate(self, prompt=None, **kwargs):
         if prompt == "crash":
@@ -179,9 +186,9 @@ def test_a_job_that_kills_every_worker_it_runs_on_fails_after_three_tries(ray_ad
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the workers cannot import tests/
     rows = [{"prompt": "crash", "seed": 1}, {"prompt": "fine", "seed": 2}]
-    jobs = cli.jobs_for({}, str(write_manifest(tmp_path / "jobs.jsonl", rows)), "tiny")
+    jobs = jobs_for({}, str(write_manifest(tmp_path / "jobs.jsonl", rows)), TINY)
     progress = Lines(len(jobs))
-    outcomes = ray_runner.run_on_ray(jobs, _crashing_tiny, str(tmp_path / "out"), "tiny", workers=2,
+    outcomes = ray_runner.run_on_ray(jobs, TINY, _crashing_tiny, str(tmp_path / "out"), workers=2,
                                      progress=progress)
     assert [o.status for o in outcomes] == ["failed", "done"], progress.lines
     assert outcomes[0].error == "its Ray worker died 3 times while running it"
@@ -202,10 +209,10 @@ def test_a_job_that_raises_and_a_corrupt_image_are_reported_by_line_the_others_f
     write_truncated_png(pics / "broken.png")
     rows = [{"prompt": "fine one", "seed": 1}, {"prompt": "broken", "subject": "broken.png", "seed": 2},
             {"prompt": "gone", "styles": ["gone.png"], "seed": 3}, {"prompt": "fine two", "seed": 4}]
-    jobs = cli.jobs_for({}, str(write_manifest(pics / "jobs.jsonl", rows)), "tiny")   # all rows check out
+    jobs = jobs_for({}, str(write_manifest(pics / "jobs.jsonl", rows)), TINY)   # all rows check out
     (pics / "gone.png").unlink()            # ... then a style file disappears before its job runs
     progress = Lines(len(jobs))
-    outcomes = ray_runner.run_on_ray(jobs, _tiny_loader(), str(tmp_path / "out"), "tiny", workers=2,
+    outcomes = ray_runner.run_on_ray(jobs, TINY, _tiny_loader(), str(tmp_path / "out"), workers=2,
                                      progress=progress)
     assert [o.status for o in outcomes] == ["done", "failed", "failed", "done"]
     assert "broken.png" in outcomes[1].error and "gone.png" in outcomes[2].error

@@ -155,7 +155,7 @@ def test_progress_ticks_once_per_step_and_cancel_stops_within_a_step(model, enco
                 bridge.request_interrupt()
 
         bridge.Progress.listener = cancel_at_two
-        with pytest.raises(bridge.Interrupted):
+        with pytest.raises(bridge.Cancelled):
             run(model, encodings, steps=5)
         assert max(ticks) == 2  # stopped right after the step during which Cancel came
     finally:

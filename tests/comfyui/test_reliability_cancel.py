@@ -54,7 +54,7 @@ def test_cancel_while_loading_stops_before_the_next_model_and_caches_nothing(set
 
     pipeline_cache.clear()
     bridge.Progress.listener = listener
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         load()
     bridge.Progress.listener = None
     assert seen[-1] == steps.index(cancel_during)  # raised before the next model was started
@@ -79,7 +79,7 @@ def test_cancel_during_the_last_model_keeps_the_complete_load_and_stops_the_next
     loaded = load()
     bridge.Progress.listener = None
     assert pipeline_cache._current[1] is loaded
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         generate(loaded, style=style, subject=subject, seed=3, steps=4)
     assert torch.equal(generate(loaded, style=style, subject=subject, seed=3, steps=4)[0], reference)
 
@@ -87,7 +87,7 @@ def test_cancel_during_the_last_model_keeps_the_complete_load_and_stops_the_next
 def test_cancel_before_loading_keeps_the_cached_model(setup):
     current = load()
     bridge.request_interrupt()
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         node("USOGenerate").generate(current, "a cat", 32, 32, False, 2, 4.0, 0, 1)
     assert load() is current  # the cached model was not touched
 
@@ -113,7 +113,7 @@ def test_cancel_between_the_images_of_an_encode_batch(setup, monkeypatch, kind):
         return result
 
     monkeypatch.setattr(model, method, encode_and_press_cancel)
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         encode_style(model, batch) if kind == "style" else encode_subject(model, batch)
     assert len(calls) == 1 and len(cache) == 1  # stopped after one image; only finished ones cached
     monkeypatch.undo()
@@ -129,7 +129,7 @@ def test_cancel_before_an_encode_does_no_work(setup, monkeypatch):
     model = setup[0]
     monkeypatch.setattr(model, "encode_style", lambda *a, **k: pytest.fail("encoded after Cancel"))
     bridge.request_interrupt()
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         encode_style(model, image(20, 20))
     assert not bridge.interrupt_requested()
 
@@ -150,7 +150,7 @@ def test_cancel_while_sampling_stops_within_a_step(setup, cancel_at, batch):
             bridge.request_interrupt()
 
     bridge.Progress.listener = listener
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         generate(model, style=style, subject=subject, seed=3, steps=4, batch_size=batch)
     returned = time.perf_counter()
     bridge.Progress.listener = None
@@ -181,7 +181,7 @@ def test_cancel_from_another_thread_returns_within_a_step(setup):
     timer = threading.Timer(2.5 * step, press)
     started = time.perf_counter()
     timer.start()
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         generate(model, style=style, subject=subject, seed=3, steps=200, width=64, height=64)
     returned = time.perf_counter()
     timer.join()
@@ -206,7 +206,7 @@ def test_cancel_leaves_the_step_cache_and_hooks_clean(setup):
             bridge.request_interrupt()
 
     bridge.Progress.listener = listener
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         generate(model, style=style, subject=subject, seed=11, steps=3, batch_size=2)
     bridge.Progress.listener = None
     assert not model.transformer.context_embedder._forward_hooks
@@ -230,7 +230,7 @@ def test_cancel_while_decoding_a_batch_stops_before_the_next_image(setup, monkey
         return out
 
     monkeypatch.setattr(vae_module, "decode_latents", decode_and_press_cancel)
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         generate(model, style=style, subject=subject, seed=3, steps=4, batch_size=3)
     assert decoded == [1]
     monkeypatch.undo()
@@ -248,7 +248,7 @@ def test_cancel_after_the_last_step_does_not_decode(setup, monkeypatch):
             bridge.request_interrupt()
 
     bridge.Progress.listener = listener
-    with pytest.raises(bridge.Interrupted):
+    with pytest.raises(bridge.Cancelled):
         generate(model, style=style, subject=subject, seed=3, steps=2)
     assert_clean(model)
 
@@ -268,7 +268,7 @@ def test_cancel_while_polling_fal_returns_within_a_poll_interval(remote_env, mon
     with fal_server(monkeypatch, never_finish=True) as fal:
         timer = threading.Timer(1.5, press)  # in the middle of a wait between two polls
         timer.start()
-        with pytest.raises(bridge.Interrupted):
+        with pytest.raises(bridge.Cancelled):
             run_node()
         latency = time.monotonic() - pressed[0]
         assert fal.cancel_seen.wait(2)  # the remote job was cancelled too

@@ -175,7 +175,7 @@ def test_cancel_while_waiting_returns_quickly_and_warns(remote_env, monkeypatch,
     with aiml_server(monkeypatch, delay_s=20):
         press_cancel_after(0.3)
         started = time.monotonic()
-        with pytest.raises(bridge.Interrupted):
+        with pytest.raises(bridge.Cancelled):
             run_node(provider="aiml")
         assert time.monotonic() - started < 5
     assert "AIML: cancelled here. AIML has no way to cancel a generation" in remote_env[-1]

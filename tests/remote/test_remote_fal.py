@@ -334,7 +334,7 @@ def test_cancel_during_polling_cancels_the_fal_job(remote_env, monkeypatch):
     with fal_server(monkeypatch, never_finish=True) as fal:
         press_cancel_after(0.4)
         started = time.monotonic()
-        with pytest.raises(bridge.Interrupted):
+        with pytest.raises(bridge.Cancelled):
             run_node()
         assert time.monotonic() - started < 5
         assert fal.cancel_seen.wait(2)
@@ -363,6 +363,6 @@ def test_cancel_during_a_slow_submit_cancels_the_late_job():
 def test_cancel_before_start_makes_no_request(remote_env, monkeypatch):
     with fal_server(monkeypatch) as fal:
         bridge.request_interrupt()
-        with pytest.raises(bridge.Interrupted):
+        with pytest.raises(bridge.Cancelled):
             run_node()
         assert fal.requests == []

@@ -25,7 +25,8 @@ _SECRET_NAME = re.compile(r"((^|_)key($|_)|api[_-]?key|secret|token|password|aut
 
 def software() -> str:
     """'comfyui-uso <version>' from the pack's pyproject.toml."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    pack = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # nodes/files/ -> pack
+    path = os.path.join(pack, "pyproject.toml")
     try:
         with open(path, encoding="utf-8") as f:
             match = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M)

@@ -5,8 +5,8 @@ models once and keeping its pipeline's encodings cache between jobs. Jobs that s
 and reference images (styles, subject and how they are encoded) form a group; a free worker takes
 the next job of the group it is on, else a fresh group, else the last job of the longest group.
 
-Everything else is `batch`'s: the output names, the finished check (resume, --overwrite), the
-call into the backend, the PNG writing, the failure reason and the progress lines. The driver
+Everything else is `runner`'s: the output names, the finished check (resume, --overwrite), the
+call into the loaded USO, the PNG writing, the failure reason and the progress lines. The driver
 writes the images (workers return them), or with ``write_on_workers`` the workers write them
 into an ``out_dir`` every node sees at the same path. Either way a job's result is accepted
 once: a job whose worker dies goes back to the queue (up to `MAX_ATTEMPTS` runs) and the dead
@@ -26,8 +26,10 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from . import batch
+from . import runner
+from .backend import Backend
 from .manifest import Job
+from .progress import BatchProgress
 
 MAX_ATTEMPTS = 3
 RAY_MISSING = ("--ray needs Ray, which is not installed in this Python environment. Install it with "
@@ -95,33 +97,32 @@ class JobQueue:
 class JobWorker:
     """Runs on a Ray worker process: loads the models once (`start`), then runs jobs (`run`)."""
 
-    def __init__(self, make_backend: Callable[[], object], kind: str):
-        self._make_backend = make_backend
-        self.kind = kind
-        self.backend = None
+    def __init__(self, open_uso: Callable[[], object]):
+        self._open_uso = open_uso
+        self.uso = None
 
     def start(self) -> dict:
         """Load the models; a dict with where this worker runs, or {'setup_error': message}."""
         try:
-            self.backend = self._make_backend()
+            self.uso = self._open_uso()
         except Exception as exc:  # noqa: BLE001 - reported to the driver as a setup error (exit 2)
             return {"setup_error": " ".join(str(exc).split()) or type(exc).__name__}
-        pipe = getattr(self.backend, "pipeline", None)
+        pipe = getattr(self.uso, "pipeline", None)
         return {"host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(pipe.device) if pipe is not None else "remote"}
 
     def run(self, job: Job, paths: list[str], write: bool) -> dict:
         started = time.monotonic()
         try:
-            result = batch.generate(self.backend, job, self.kind)
+            result = runner.generate(self.uso, job)
             warnings = list(result.warnings)
             if write:
-                paths = batch.save_outputs(result, paths, job)
+                paths = runner.save_outputs(result, paths, job)
                 result = None
             else:      # the latents stay here; the driver writes the images
                 result = replace(result, latents=None)
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
-            return {"status": "failed", "error": batch.failure_reason(exc), "traceback": traceback.format_exc(),
+            return {"status": "failed", "error": runner.failure_reason(exc), "traceback": traceback.format_exc(),
                     "seconds": time.monotonic() - started}
         return {"status": "done", "result": result, "paths": paths, "warnings": warnings,
                 "seconds": time.monotonic() - started}
@@ -174,29 +175,29 @@ def worker_resources(ray, workers: int | None, jobs: int) -> tuple[int, dict]:
     return max(1, min(n, jobs)), options
 
 
-def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str, kind: str, *,
+def run_on_ray(jobs: list[Job], backend: Backend, open_uso: Callable[[], object], out_dir: str, *,
                address: str | None = None, workers: int | None = None, overwrite: bool = False,
-               numbered: bool = True, progress: batch.Progress | None = None, tracebacks: bool = False,
-               verbose: bool = False, write_on_workers: bool = False) -> list[batch.Outcome]:
-    """`batch.run_jobs` over Ray: the same outcomes in the same order. `make_backend` is sent
-    to each worker (it must pickle: a module-level function or a functools.partial of one).
+               numbered: bool = True, progress: BatchProgress | None = None, tracebacks: bool = False,
+               verbose: bool = False, write_on_workers: bool = False) -> list[runner.Outcome]:
+    """`runner.run_jobs` over Ray: the same outcomes in the same order. `open_uso` is sent to each
+    worker (it must pickle: a module-level function or a functools.partial of one).
     RaySetupError when Ray is missing, unreachable or the models do not load (nothing ran)."""
-    progress = progress or batch.Progress(len(jobs), enabled=False)
+    progress = progress or BatchProgress(len(jobs), enabled=False)
     total = len(jobs)
     position = {job.index: i for i, job in enumerate(jobs)}
     tag = {job.index: f"[{i + 1}/{total}]" for i, job in enumerate(jobs)}
-    planned = {job.index: batch.output_paths(job, out_dir, kind, numbered) for job in jobs}
-    outcomes: dict[int, batch.Outcome] = {}
+    planned = {job.index: runner.output_paths(job, out_dir, backend, numbered) for job in jobs}
+    outcomes: dict[int, runner.Outcome] = {}
 
-    def finish(outcome: batch.Outcome, trace: str = "") -> None:
+    def finish(outcome: runner.Outcome, trace: str = "") -> None:
         outcomes[outcome.job.index] = outcome
-        batch.report(progress, tag[outcome.job.index], outcome, trace)
+        runner.report(progress, tag[outcome.job.index], outcome, trace)
         progress.job_done()
 
     todo = []
     for job in jobs:
-        if batch.is_finished(planned[job.index], overwrite):
-            finish(batch.Outcome(job, "skipped", planned[job.index]))
+        if runner.is_finished(planned[job.index], overwrite):
+            finish(runner.Outcome(job, "skipped", planned[job.index]))
         else:
             todo.append(job)
     if not todo:           # a finished batch re-runs without Ray or models
@@ -213,7 +214,7 @@ def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str
     numbers = iter(range(1, 10**6))
 
     def spawn() -> None:
-        w = _Worker(next(numbers), actor_class.options(max_restarts=0, **options).remote(make_backend, kind))
+        w = _Worker(next(numbers), actor_class.options(max_restarts=0, **options).remote(open_uso))
         pool[w.number] = w
         inflight[w.actor.start.remote()] = ("start", w)
 
@@ -249,8 +250,8 @@ def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
                 value = None   # the worker process died (killed, out of memory, node lost)
             except ray.exceptions.RayTaskError as exc:   # raised outside JobWorker's own handling
-                value = {"status": "failed", "setup_error": batch.failure_reason(exc.cause or exc),
-                         "error": batch.failure_reason(exc.cause or exc), "traceback": str(exc), "seconds": 0.0}
+                value = {"status": "failed", "setup_error": runner.failure_reason(exc.cause or exc),
+                         "error": runner.failure_reason(exc.cause or exc), "traceback": str(exc), "seconds": 0.0}
             if entry[0] == "start":
                 if value is None:
                     progress.line(f"Ray: {w.describe()} died while loading the models")
@@ -266,7 +267,7 @@ def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str
                 if value is None:
                     worker_died(w)
                     if attempts[job.index] >= MAX_ATTEMPTS:
-                        finish(batch.Outcome(job, "failed", planned[job.index],
+                        finish(runner.Outcome(job, "failed", planned[job.index],
                                              f"its Ray worker died {attempts[job.index]} times while running it",
                                              time.monotonic() - entry[3]))
                     else:
@@ -281,20 +282,20 @@ def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str
                 dispatch(w)      # the worker's next job runs while the driver writes this one's PNGs
                 if value["status"] == "done":
                     paths = value["paths"] if write_on_workers else \
-                        batch.save_outputs(value["result"], planned[job.index], job)
-                    finish(batch.Outcome(job, "done", paths, "", value["seconds"], value["warnings"]))
+                        runner.save_outputs(value["result"], planned[job.index], job)
+                    finish(runner.Outcome(job, "done", paths, "", value["seconds"], value["warnings"]))
                 else:
-                    finish(batch.Outcome(job, "failed", planned[job.index], value["error"], value["seconds"]),
+                    finish(runner.Outcome(job, "failed", planned[job.index], value["error"], value["seconds"]),
                            value["traceback"] if tracebacks else "")
             if not pool and len(queue):
                 for job in _drain(queue):
-                    finish(batch.Outcome(job, "failed", planned[job.index], "every Ray worker died"))
+                    finish(runner.Outcome(job, "failed", planned[job.index], "every Ray worker died"))
     except KeyboardInterrupt:
         for entry in inflight.values():
             if entry[0] == "run":
-                outcomes[entry[2].index] = batch.Outcome(entry[2], "cancelled", planned[entry[2].index],
+                outcomes[entry[2].index] = runner.Outcome(entry[2], "cancelled", planned[entry[2].index],
                                                          "cancelled", time.monotonic() - entry[3])
-                batch.report(progress, tag[entry[2].index], outcomes[entry[2].index])
+                runner.report(progress, tag[entry[2].index], outcomes[entry[2].index])
         inflight.clear()
     finally:
         for w in pool.values():         # stops running jobs too (Ctrl-C, a setup error)
@@ -306,7 +307,7 @@ def run_on_ray(jobs: list[Job], make_backend: Callable[[], object], out_dir: str
             ray.shutdown()
     for job in jobs:
         if job.index not in outcomes:
-            outcomes[job.index] = batch.not_run([job], out_dir, kind, numbered)[0]
+            outcomes[job.index] = runner.not_run([job], out_dir, backend, numbered)[0]
     return sorted(outcomes.values(), key=lambda o: position[o.job.index])
 
 

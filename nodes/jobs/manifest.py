@@ -24,11 +24,10 @@ import re
 from dataclasses import dataclass
 
 from ..engine.pipeline import SEED_MAX
-from .image_files import probe_image
+from ..files.image_files import probe_image
+from .backend import Backend
 
-LOCAL_KINDS = ("local", "tiny")
-
-#: Limits per backend kind: (min, max) and step sizes, as the nodes check them.
+#: Limits per backend (local or remote): (min, max) and step sizes, as the nodes check them.
 LIMITS = {
     "local": dict(side=(16, 4096), steps=(1, 200), guidance=(0.0, 20.0), batch_size=(1, 16), styles=2),
     "remote": dict(side=(256, 2048), steps=(1, 50), guidance=(1.0, 10.0), batch_size=(1, 4), styles=2),
@@ -74,11 +73,11 @@ class Job:
     init_image: str | None = None               # image to image (local only)
     denoise: float = 1.0
 
-    def generate_kwargs(self, kind: str) -> dict:
+    def generate_kwargs(self, backend: Backend) -> dict:
         common = dict(prompt=self.prompt, subject=self.subject, styles=list(self.styles), width=self.width,
                       height=self.height, keep_size=self.keep_size, steps=self.steps, guidance=self.guidance,
                       seed=self.seed, batch_size=self.batch_size)
-        if kind in LOCAL_KINDS:
+        if backend.is_local:
             return dict(common, style_crop=self.style_crop, long_side=self.long_side, shift=self.shift,
                         extra_references=self.extra_references, loras=list(self.loras), init_image=self.init_image,
                         denoise=self.denoise)
@@ -259,13 +258,13 @@ def _output_name(value: str) -> str:
     return name
 
 
-def check_fields(values: dict, kind: str, base_dir: str, defaults: dict) -> tuple[dict, list[str]]:
+def check_fields(values: dict, backend: Backend, base_dir: str, defaults: dict) -> tuple[dict, list[str]]:
     """Typed, checked values of one job (defaults filled in) and the problems of each field.
 
     `values` holds what the row (or the command line) set; `defaults` the rest. Paths are made
     absolute against `base_dir`.
     """
-    limits = LIMITS["local" if kind in LOCAL_KINDS else "remote"]
+    limits = LIMITS["local" if backend.is_local else "remote"]
     problems: list[str] = []
     out = dict(defaults)
     setters = {
@@ -277,11 +276,11 @@ def check_fields(values: dict, kind: str, base_dir: str, defaults: dict) -> tupl
         "height": lambda v: _int("height", v),
         "keep_size": lambda v: _bool("keep_size", v),
         "steps": lambda v: _in_range("steps", _int("steps", v), *limits["steps"],
-                                     "" if kind in LOCAL_KINDS else " for fal/AIML"),
+                                     "" if backend.is_local else " for fal/AIML"),
         "guidance": lambda v: _in_range("guidance", _float("guidance", v), *limits["guidance"],
-                                        "" if kind in LOCAL_KINDS else " for fal/AIML"),
+                                        "" if backend.is_local else " for fal/AIML"),
         "batch_size": lambda v: _in_range("batch_size", _int("batch_size", v), *limits["batch_size"],
-                                          "" if kind in LOCAL_KINDS else " for fal/AIML (num_images)"),
+                                          "" if backend.is_local else " for fal/AIML (num_images)"),
         "output": lambda v: _output_name(_text("output", v)) if str(v).strip() else None,
         "style_crop": lambda v: _choice("style_crop", v),
         "long_side": lambda v: _long_side(_int("long_side", v)),
@@ -300,9 +299,9 @@ def check_fields(values: dict, kind: str, base_dir: str, defaults: dict) -> tupl
         except ValueError as exc:
             problems.append(str(exc))
             continue
-        if kind in LOCAL_KINDS and key in REMOTE_ONLY and out[key]:
+        if backend.is_local and key in REMOTE_ONLY and out[key]:
             problems.append(f"{key} is only sent to fal/AIML (--provider); the local USO has no {key}")
-        if kind not in LOCAL_KINDS and key in LOCAL_ONLY and out[key] != defaults.get(key):
+        if not backend.is_local and key in LOCAL_ONLY and out[key] != defaults.get(key):
             problems.append(f"{key} is a local setting; fal/AIML do not take it (drop it with --provider)")
     if values.get("subject") is not None and out.get("subject"):
         out["subject"] = _check_image("subject", out["subject"], base_dir, problems)
@@ -319,9 +318,9 @@ def check_fields(values: dict, kind: str, base_dir: str, defaults: dict) -> tupl
     return out, problems
 
 
-def check_job(out: dict, kind: str) -> list[str]:
+def check_job(out: dict, backend: Backend) -> list[str]:
     """Problems between the fields of one job (after `check_fields`)."""
-    limits = LIMITS["local" if kind in LOCAL_KINDS else "remote"]
+    limits = LIMITS["local" if backend.is_local else "remote"]
     problems: list[str] = []
     if not out["keep_size"]:
         lo, hi = limits["side"]
@@ -330,18 +329,18 @@ def check_job(out: dict, kind: str) -> list[str]:
             if isinstance(v, int):
                 if not lo <= v <= hi:
                     problems.append(f"{key} {v} is outside {lo}..{hi}"
-                                    f"{'' if kind in LOCAL_KINDS else ' for fal/AIML'}")
+                                    f"{'' if backend.is_local else ' for fal/AIML'}")
                 elif v % 16:
                     problems.append(f"{key} {v} is not a multiple of 16 (use {v // 16 * 16} or {v // 16 * 16 + 16})")
     max_styles = limits["styles"]
-    if len(out["styles"]) > max_styles and not (kind in LOCAL_KINDS and out.get("extra_references")):
+    if len(out["styles"]) > max_styles and not (backend.is_local and out.get("extra_references")):
         problems.append(f"styles: {len(out['styles'])} images; USO takes at most {max_styles}"
-                        + (" (set extra_references to allow more)" if kind in LOCAL_KINDS else " on fal/AIML"))
+                        + (" (set extra_references to allow more)" if backend.is_local else " on fal/AIML"))
     if out["keep_size"] and not out.get("subject"):
         problems.append("keep_size needs a subject image (the output size comes from it)")
     if out.get("denoise", 1.0) < 1.0 and not out.get("init_image"):
         problems.append(f"denoise {out['denoise']} needs an init_image to start from (or denoise 1.0)")
-    if kind not in LOCAL_KINDS and not out.get("subject") and not out["styles"]:
+    if not backend.is_local and not out.get("subject") and not out["styles"]:
         problems.append("fal/AIML need at least one image: give a subject and/or styles")
     return problems
 
@@ -405,7 +404,7 @@ def _make_job(index: int, where: str, values: dict) -> Job:
                loras=tuple(values.get("loras") or ()), denoise=float(values.get("denoise", 1.0)))
 
 
-def jobs_from_manifest(path: str, kind: str, defaults: dict) -> list[Job]:
+def jobs_from_manifest(path: str, backend: Backend, defaults: dict) -> list[Job]:
     """Every row checked (all problems at once, as ManifestError) into Jobs."""
     name = os.path.basename(path)
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -416,10 +415,10 @@ def jobs_from_manifest(path: str, kind: str, defaults: dict) -> list[Job]:
     for index, (line, row) in enumerate(rows, 1):
         where = f"{name} line {line}"
         values, key_problems = normalize_keys(row)
-        checked, value_problems = check_fields(values, kind, base_dir, defaults)
+        checked, value_problems = check_fields(values, backend, base_dir, defaults)
         # A field that failed keeps its (valid) default, so the checks between fields still run
         # and every kind of problem of the row is listed at once.
-        value_problems += check_job(checked, kind)
+        value_problems += check_job(checked, backend)
         problems.extend((line, p) for p in key_problems + value_problems)
         if checked.get("output"):
             if checked["output"] in outputs:
@@ -433,10 +432,10 @@ def jobs_from_manifest(path: str, kind: str, defaults: dict) -> list[Job]:
     return jobs
 
 
-def job_from_values(values: dict, kind: str, defaults: dict) -> Job:
+def job_from_values(values: dict, backend: Backend, defaults: dict) -> Job:
     """The one job of a command line without --manifest (paths relative to the current folder)."""
-    checked, problems = check_fields({k: v for k, v in values.items() if v is not None}, kind, os.getcwd(), defaults)
-    problems = problems + check_job(checked, kind)
+    checked, problems = check_fields({k: v for k, v in values.items() if v is not None}, backend, os.getcwd(), defaults)
+    problems = problems + check_job(checked, backend)
     if problems:
         raise ManifestError(problems)
     return _make_job(1, "command line", checked)

@@ -1,22 +1,27 @@
-"""Running jobs: output names, resume, progress bars, one failure never stopping the others,
-and the summary. The jobs come checked from `manifest`."""
+"""Running jobs in this process: output names, resume, one failure never stopping the others, and
+the summary. The jobs come checked from `manifest`; the USO that runs them is made by the caller
+(`nodes.api.open_backend`), only when the first job needs it."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from ..cancel import Cancelled
+from ..engine import USOError
 from ..engine.pipeline import batch_seeds
-from .manifest import LOCAL_KINDS, Job, slug
-from .png_info import save_png
+from ..files.png_info import save_png
+from ..remote import RemoteError
+from .backend import Backend
+from .manifest import Job, slug
+from .progress import BatchProgress
 
 
 # -- output names -----------------------------------------------------------------------------------
 
-def output_paths(job: Job, out_dir: str, kind: str, numbered: bool) -> list[str]:
+def output_paths(job: Job, out_dir: str, backend: Backend, numbered: bool) -> list[str]:
     """Where the job's images go; a function of the job alone, so a re-run finds them.
 
     Local: one file per image seed, ``[<index>_]<slug>_<seed>.png`` (`numbered` adds the index).
@@ -24,7 +29,7 @@ def output_paths(job: Job, out_dir: str, kind: str, numbered: bool) -> list[str]
     An explicit `output` name is used as is for one image, else as ``<stem>_<seed>.png``.
     """
     n = job.batch_size
-    if kind in LOCAL_KINDS:
+    if backend.is_local:
         tags = [str(s) for s in batch_seeds(job.seed, n)]
     else:
         tags = [str(job.seed)] if n == 1 else [f"{job.seed}_{k + 1}" for k in range(n)]
@@ -38,14 +43,14 @@ def output_paths(job: Job, out_dir: str, kind: str, numbered: bool) -> list[str]
     return [os.path.join(out_dir, name) for name in names]
 
 
-def output_clashes(jobs: list[Job], kind: str, numbered: bool = True) -> list[str]:
+def output_clashes(jobs: list[Job], backend: Backend, numbered: bool = True) -> list[str]:
     """One problem per job with an output name that an earlier job also writes (an explicit
     `output` of one job can be another's numbered or seed-tagged name): refused before anything
     runs, so no job overwrites another's images. Names compare case-blind, as on Windows and macOS."""
     owners: dict[str, Job] = {}
     problems = []
     for job in jobs:
-        for name in output_paths(job, "", kind, numbered):
+        for name in output_paths(job, "", backend, numbered):
             first = owners.setdefault(name.casefold(), job)
             if first is not job:
                 problems.append(f"{job.where}: its output '{name}' is also an output of {first.where}; give one "
@@ -71,74 +76,26 @@ class Outcome:
                 "parameters": {k: v for k, v in asdict(self.job).items() if k not in ("index", "where")}}
 
 
-class Progress:
-    """tqdm bars: one across jobs, one across the steps of the running job; lines in between.
-    `enabled` None = bars only on a terminal; the per-job lines are always written."""
-
-    def __init__(self, total_jobs: int, enabled: bool | None = None, stream=None):
-        from tqdm.auto import tqdm
-
-        self._tqdm = tqdm
-        self.stream = stream or sys.stderr
-        disable = (not self.stream.isatty()) if enabled is None else not enabled
-        self.jobs = tqdm(total=total_jobs, desc="jobs", unit="job", position=0, file=self.stream,
-                         disable=disable, dynamic_ncols=True)
-        self.steps = None
-        self._disable = disable
-
-    def start_job(self, label: str, total_steps: int, unit: str = "step") -> None:
-        self.close_steps()
-        self.steps = self._tqdm(total=total_steps, desc=label, unit=unit, position=1, leave=False,
-                                file=self.stream, disable=self._disable, dynamic_ncols=True)
-
-    def step(self, done: int, total: int) -> None:
-        if self.steps is not None:
-            if self.steps.total != total:
-                self.steps.total = total
-            self.steps.n = done
-            self.steps.refresh()
-
-    def status(self, text: str) -> None:
-        if self.steps is not None:
-            self.steps.set_postfix_str(text.splitlines()[0][:60], refresh=True)
-
-    def line(self, text: str) -> None:
-        self._tqdm.write(text, file=sys.stdout)
-
-    def job_done(self) -> None:
-        self.close_steps()
-        self.jobs.update(1)
-
-    def close_steps(self) -> None:
-        if self.steps is not None:
-            self.steps.close()
-            self.steps = None
-
-    def close(self) -> None:
-        self.close_steps()
-        self.jobs.close()
-
-
 def is_finished(paths: list[str], overwrite: bool) -> bool:
     """True when a re-run skips the job: every output exists and --overwrite was not given."""
     return not overwrite and all(os.path.exists(p) for p in paths)
 
 
-def progress_units(job: Job, kind: str) -> tuple[int, str]:
+def progress_units(job: Job, backend: Backend) -> tuple[int, str]:
     """(total, unit) of a job's step bar: denoising steps locally, percent remotely."""
-    return (job.steps * job.batch_size, "step") if kind in LOCAL_KINDS else (100, "%")
+    return (job.steps * job.batch_size, "step") if backend.is_local else (100, "%")
 
 
-def generate(backend, job: Job, kind: str, on_step: Callable[[int, int], None] | None = None,
+def generate(uso, job: Job, on_step: Callable[[int, int], None] | None = None,
              on_status: Callable[[str], None] | None = None):
-    """One job's `api.Output` from a local or remote backend (every job field goes through
+    """One job's `api.Output` from a loaded local or remote USO (every job field goes through
     `Job.generate_kwargs`, so a new field needs no change here)."""
-    kwargs = job.generate_kwargs(kind)
-    if kind in LOCAL_KINDS:
-        return backend.generate(on_step=on_step, **kwargs)
-    return backend.generate(on_status=on_status,
-                            on_progress=None if on_step is None else (lambda f: on_step(round(100 * f), 100)),
-                            **kwargs)
+    kwargs = job.generate_kwargs(uso.backend)
+    if uso.backend.is_local:
+        return uso.generate(on_step=on_step, **kwargs)
+    return uso.generate(on_status=on_status,
+                        on_progress=None if on_step is None else (lambda f: on_step(round(100 * f), 100)),
+                        **kwargs)
 
 
 def save_outputs(result, paths: list[str], job: Job) -> list[str]:
@@ -151,7 +108,7 @@ def save_outputs(result, paths: list[str], job: Job) -> list[str]:
     return paths
 
 
-def report(progress: "Progress", tag: str, outcome: Outcome, traceback_text: str = "") -> None:
+def report(progress: BatchProgress, tag: str, outcome: Outcome, traceback_text: str = "") -> None:
     """The line a finished job gets (and its warnings, and with --verbose a failure's traceback)."""
     if outcome.status == "skipped":
         progress.line(f"{tag} skipped (already done): {display_path(outcome.paths[0])}{_more(outcome.paths)}")
@@ -168,24 +125,22 @@ def report(progress: "Progress", tag: str, outcome: Outcome, traceback_text: str
                       f"{_more(outcome.paths)}")
 
 
-def not_run(jobs: list[Job], out_dir: str, kind: str, numbered: bool) -> list[Outcome]:
-    return [Outcome(j, "not run", output_paths(j, out_dir, kind, numbered)) for j in jobs]
+def not_run(jobs: list[Job], out_dir: str, backend: Backend, numbered: bool) -> list[Outcome]:
+    return [Outcome(j, "not run", output_paths(j, out_dir, backend, numbered)) for j in jobs]
 
 
-def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, kind: str, *,
-             overwrite: bool = False, numbered: bool = True, progress: Progress | None = None,
+def run_jobs(jobs: list[Job], backend: Backend, open_uso: Callable[[], object], out_dir: str, *,
+             overwrite: bool = False, numbered: bool = True, progress: BatchProgress | None = None,
              on_cancel_check: Callable[[], bool] = lambda: False, tracebacks: bool = False) -> list[Outcome]:
-    """Run every job; a failure is recorded and the next job runs. The backend is made (models
-    loaded) only when the first job needs it, so a finished batch re-runs without loading.
-    A KeyboardInterrupt or a cancel stops the batch: the rest is marked 'not run'."""
-    from ..api import Cancelled
-
-    progress = progress or Progress(len(jobs), enabled=False)
+    """Run every job on `backend`; a failure is recorded and the next job runs. `open_uso()` makes
+    the USO (loads the models) only when the first job needs it, so a finished batch re-runs
+    without loading. A KeyboardInterrupt or a cancel stops the batch: the rest is marked 'not run'."""
+    progress = progress or BatchProgress(len(jobs), enabled=False)
     outcomes: list[Outcome] = []
-    backend = None
+    uso = None
     total = len(jobs)
     for i, job in enumerate(jobs):
-        paths = output_paths(job, out_dir, kind, numbered)
+        paths = output_paths(job, out_dir, backend, numbered)
         tag = f"[{i + 1}/{total}]"
         if is_finished(paths, overwrite):
             outcomes.append(Outcome(job, "skipped", paths))
@@ -193,20 +148,20 @@ def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, k
             progress.job_done()
             continue
         if on_cancel_check():
-            outcomes.extend(not_run(jobs[i:], out_dir, kind, numbered))
+            outcomes.extend(not_run(jobs[i:], out_dir, backend, numbered))
             break
-        if backend is None:
-            backend = get_backend()   # errors here are setup errors: they stop the batch
+        if uso is None:
+            uso = open_uso()   # errors here are setup errors: they stop the batch
         started = time.monotonic()
-        progress.start_job(f"job {i + 1}", *progress_units(job, kind))
+        progress.start_job(f"job {i + 1}", *progress_units(job, backend))
         trace = ""
         try:
-            result = generate(backend, job, kind, on_step=progress.step, on_status=progress.status)
+            result = generate(uso, job, on_step=progress.step, on_status=progress.status)
             paths = save_outputs(result, paths, job)
         except (KeyboardInterrupt, Cancelled):
             outcomes.append(Outcome(job, "cancelled", paths, "cancelled", time.monotonic() - started))
             report(progress, tag, outcomes[-1])
-            outcomes.extend(not_run(jobs[i + 1:], out_dir, kind, numbered))
+            outcomes.extend(not_run(jobs[i + 1:], out_dir, backend, numbered))
             break
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
             outcomes.append(Outcome(job, "failed", paths, failure_reason(exc), time.monotonic() - started))
@@ -220,9 +175,6 @@ def run_jobs(jobs: list[Job], get_backend: Callable[[], object], out_dir: str, k
 
 def failure_reason(exc: BaseException) -> str:
     """A failed job's one-line reason (the exception type only where the message alone is unclear)."""
-    from ..engine import USOError
-    from ..remote import RemoteError
-
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, (USOError, RemoteError, ValueError, OSError)):
         return text
