@@ -7,7 +7,10 @@ limits (fal, AIML) live in `nodes.remote.request`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class Limit:
     def problem(self, value) -> str | None:
         """None when `value` is allowed, else the one message that says what is wrong and what to use."""
         whole = isinstance(self.default, int)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
             kind = "a whole number" if whole else "a number"
             return f"{self.name}: expected {kind}, got {value!r}."
         if not math.isfinite(value) or not self.low <= value <= self.high:
@@ -33,6 +36,12 @@ class Limit:
             return (f"{self.name}: {value} is not a multiple of {self.multiple}{self._hint()}; use "
                     f"{below} or {below + self.multiple}.")
         return None
+
+    def check(self, value):
+        """`value` when allowed, else InputError with `problem`'s message."""
+        if (message := self.problem(value)) is not None:
+            raise InputError(message)
+        return value
 
     def _hint(self) -> str:
         return f" ({self.hint})" if self.hint else ""
