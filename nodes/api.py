@@ -29,15 +29,17 @@ import numpy as np
 from PIL import Image
 
 from .cli import model_paths, png_info
-from .engine import EngineOptions, InputError, USOPipeline
-from .engine.pipeline import SEED_MAX, batch_seeds
+from .engine import EngineOptions, USOPipeline, limits
+from .engine.pipeline import batch_seeds
 from .cli.image_files import load_image, to_8bit
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 
 #: USO Generate's defaults (and USO Encode Style / Subject's), shared by the command line.
-DEFAULTS = dict(prompt="", width=1024, height=1024, keep_size=False, steps=25, guidance=4.0, seed=0,
-                batch_size=1, style_crop="reference", long_side=512, shift="reference")
+DEFAULTS = dict(prompt="", width=limits.WIDTH.default, height=limits.HEIGHT.default, keep_size=False,
+                steps=limits.STEPS.default, guidance=limits.GUIDANCE.default, seed=limits.SEED.default,
+                batch_size=limits.BATCH_SIZE.default, style_crop="reference", long_side=limits.LONG_SIDE.default,
+                shift="reference")
 #: What --tiny / load(tiny=True) uses instead, so the whole path runs in seconds.
 TINY_DEFAULTS = dict(width=64, height=64, steps=4, long_side=64)
 #: USO Remote Generate's defaults where they differ (the providers' own default step count).
@@ -163,9 +165,7 @@ class USO(_Cancellable):
                      guidance=guidance, seed=seed, batch_size=batch_size, style_crop=style_crop,
                      long_side=long_side, shift=shift)
         p = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
-        if not 0 <= int(p["seed"]) <= SEED_MAX:
-            raise InputError(f"seed: {p['seed']} is outside 0..{SEED_MAX}.")
-        seeds = batch_seeds(p["seed"], p["batch_size"])
+        seeds = batch_seeds(p["seed"], p["batch_size"])  # checks both
         styles = _styles_list(styles)
         self._start()
 

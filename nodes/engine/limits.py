@@ -15,17 +15,18 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class Limit:
-    """A numeric input: its range, default, required multiple, and the hint a refusal ends with."""
+    """A numeric input: its range, default (None: the caller's, e.g. a provider's), required multiple,
+    and the hint a refusal ends with. Integer bounds mean whole numbers only."""
     name: str
     low: float
     high: float
-    default: float
+    default: float | None
     multiple: int = 1
     hint: str = ""
 
     def problem(self, value) -> str | None:
         """None when `value` is allowed, else the one message that says what is wrong and what to use."""
-        whole = isinstance(self.default, int)
+        whole = isinstance(self.low, int) and isinstance(self.high, int)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
             kind = "a whole number" if whole else "a number"
             return f"{self.name}: expected {kind}, got {value!r}."
