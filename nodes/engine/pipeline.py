@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from . import fp8, lora, memory, positions, sampler, schedule, speed, style, subject, text, vae
+from .gguf_files import is_quantized
 from .limits import (BATCH_SIZE, DENOISE, GUIDANCE, HEIGHT, LONG_SIDE, MAX_PROMPT_CHARS, MAX_REFERENCE_STYLES,
                      MAX_REFERENCE_SUBJECTS, SEED, SEED_MAX, STEPS, WIDTH)
-from .gguf_files import is_quantized
 from .model_set import LoadedModels, ModelFiles, load_models
 from .user_lora import UserLora, read_user_lora
 from .errors import InputError, ModelFileError, OutOfMemoryError

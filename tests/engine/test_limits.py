@@ -1,5 +1,5 @@
 """One home per limit (nodes/engine/limits.py; the providers' in nodes/remote/request.py): a refused
-value gets the same message from the engine and the command line, and the pipeline's stages
+value gets the same message from the Python API (the engine) and the command line, and the pipeline's stages
 composed by hand (what the speed benchmark does) give exactly what `generate` gives."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from random_pipelines import make_pipeline, noise_image
 
+from nodes import api
 from nodes.cli import command as cli
 from nodes.engine import InputError, vae
 from nodes.engine.limits import (BATCH_SIZE, DENOISE, GUIDANCE, HEIGHT, LONG_SIDE, SEED, STEPS, WIDTH,
                                  Limit)
-from nodes.engine.pipeline import batch_seeds
 from nodes.remote import request
 
 
@@ -44,25 +44,19 @@ def pipe():
     return make_pipeline(torch.float32)
 
 
-def _engine_refusal(pipe, limit: Limit, value) -> str:
-    """The engine's message for `value` where that input enters it."""
+def _api_refusal(pipe, limit: Limit, value) -> str:
+    """The Python API's message for `value` (the engine checks it where it enters)."""
+    extra = {"subject": noise_image(40, 30, 1)} if limit is LONG_SIDE else {}
     with pytest.raises(InputError) as err:
-        if limit is SEED:
-            batch_seeds(value, 1)
-        elif limit is BATCH_SIZE:
-            batch_seeds(0, value)
-        elif limit is LONG_SIDE:
-            pipe.encode_subject([noise_image(40, 30, 1)], long_side=value)
-        else:
-            pipe.generate("x", **{"width": 64, "height": 64, "steps": 2, limit.name: value})
+        api.USO(pipe, "tiny").generate("x", **{"width": 64, "height": 64, "steps": 2, limit.name: value, **extra})
     return str(err.value)
 
 
 @pytest.mark.parametrize("limit,value", [(WIDTH, 1000), (HEIGHT, 5000), (STEPS, 0), (GUIDANCE, 25.0),
                                          (DENOISE, 1.5), (SEED, -1), (BATCH_SIZE, 17), (LONG_SIDE, 500)])
-def test_engine_and_command_line_refuse_with_the_same_message(pipe, limit, value, tmp_path, capsys):
+def test_python_api_and_command_line_refuse_with_the_same_message(pipe, limit, value, tmp_path, capsys):
     message = limit.problem(value)
-    assert message is not None and _engine_refusal(pipe, limit, value) == message
+    assert message is not None and _api_refusal(pipe, limit, value) == message
     flag = "--" + limit.name.replace("_", "-")
     code = cli.main(["--tiny", "--prompt", "x", flag, str(value), "--out", str(tmp_path)])
     err = capsys.readouterr().err
