@@ -30,7 +30,9 @@ class Limit:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
             kind = "a whole number" if whole else "a number"
             return f"{self.name}: expected {kind}, got {value!r}."
-        if not math.isfinite(value) or not self.low <= value <= self.high:
+        if not whole and math.isnan(value):
+            return f"{self.name}: nan is not a number; use {self.low}..{self.high}{self._hint()}."
+        if not self.low <= value <= self.high:
             return f"{self.name}: {value} is outside {self.low}..{self.high}{self._hint()}."
         if self.multiple > 1 and value % self.multiple:
             below = value // self.multiple * self.multiple

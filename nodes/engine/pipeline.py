@@ -37,7 +37,7 @@ def batch_seeds(seed: int, count: int) -> list[int]:
     `generate`): image i uses seed + i (wrapping past SEED_MAX), so it equals a single run with that seed."""
     SEED.check(seed)
     BATCH_SIZE.check(count)  # before a list of that many seeds is built
-    return [(seed + i) % (SEED_MAX + 1) for i in range(count)]
+    return [(int(seed) + i) % (SEED_MAX + 1) for i in range(int(count))]
 
 
 @dataclass(frozen=True)
@@ -443,11 +443,11 @@ class USOPipeline:
         seeds = [int(s) for s in seeds]
         if not seeds:
             raise InputError("seeds: no seed given; give one seed per image (batch_seeds(seed, batch_size)).")
-        STEPS.check(steps)
-        GUIDANCE.check(guidance)
+        steps = int(STEPS.check(steps))
+        guidance = float(GUIDANCE.check(guidance))
         if shift not in schedule.SHIFTS:
             raise InputError(f"shift: '{shift}' is not one of {', '.join(schedule.SHIFTS)}.")
-        DENOISE.check(denoise)
+        denoise = float(DENOISE.check(denoise))
         if schedule.first_step(steps, denoise) >= steps:
             raise InputError(f"denoise: {denoise} x {steps} steps leaves no step to run; raise denoise or steps.")
         x0 = None
@@ -467,7 +467,7 @@ class USOPipeline:
             if subjects is not None and len(subjects.latents) > MAX_REFERENCE_SUBJECTS:
                 raise InputError(f"subject: {len(subjects.latents)} subjects; the reference takes one. Use "
                                  "one subject image, or turn on extra_references.")
-        return GenerationInputs(seeds, width, height, steps, float(guidance), shift, float(denoise), x0)
+        return GenerationInputs(seeds, width, height, steps, guidance, shift, denoise, x0)
 
     def output_size(self, width: int, height: int, keep_size: bool,
                     subjects: SubjectEncoding | None) -> tuple[int, int]:
@@ -480,7 +480,7 @@ class USOPipeline:
             w, h = subjects.sizes[0]
             width = int(w * (1024 / subjects.long_side)) // 16 * 16
             height = int(h * (1024 / subjects.long_side)) // 16 * 16
-        return WIDTH.check(width), HEIGHT.check(height)
+        return int(WIDTH.check(width)), int(HEIGHT.check(height))
 
     def check_encodings(self, styles: StyleEncoding | None, subjects: SubjectEncoding | None) -> None:
         if styles is not None:

@@ -22,7 +22,8 @@ def test_a_refusal_names_the_input_the_allowed_values_and_what_to_use():
                                    "USO's native size); use 992 or 1008.")
     assert STEPS.problem(0) == "steps: 0 is outside 1..200 (the reference uses 25)."
     assert BATCH_SIZE.problem(2.0) == "batch_size: expected a whole number, got 2.0."
-    assert GUIDANCE.problem(float("nan")) == "guidance: nan is outside 0.0..20.0 (the reference uses 4.0)."
+    assert GUIDANCE.problem(float("nan")) == "guidance: nan is not a number; use 0.0..20.0 (the reference uses 4.0)."
+    assert GUIDANCE.problem(float("inf")) == "guidance: inf is outside 0.0..20.0 (the reference uses 4.0)."
     assert GUIDANCE.problem(4) is None and STEPS.problem(True) is not None
 
 
