@@ -31,7 +31,7 @@ from PIL import Image
 
 from .cancel import Cancelled  # what `generate` raises after `cancel()` (Ctrl-C on the command line)
 from .engine import EngineOptions, InputError, USOPipeline
-from .engine.pipeline import SEED_MAX, batch_seeds
+from .engine.pipeline import batch_seeds
 from .files import model_paths, png_info
 from .files.image_files import load_image, to_8bit
 from .jobs import ray_runner, runner
@@ -157,9 +157,7 @@ class LocalUSO(_Cancellable):
                      guidance=guidance, seed=seed, batch_size=batch_size, style_crop=style_crop,
                      long_side=long_side, shift=shift)
         p = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
-        if not 0 <= int(p["seed"]) <= SEED_MAX:
-            raise InputError(f"seed: {p['seed']} is outside 0..{SEED_MAX}.")
-        seeds = batch_seeds(p["seed"], p["batch_size"])
+        seeds = batch_seeds(p["seed"], p["batch_size"])  # checks both
         styles = _styles_list(styles)
         self._start()
 

@@ -11,8 +11,8 @@ nodes/engine/random_models.py), then in one run measures:
 - USO: the whole USOPipeline end to end (prompt, style and subject encoding, N steps, VAE decode).
 
 It prints ms/step for both and their ratio, USO's end-to-end seconds, peak RAM (process RSS
-high-water mark) and peak VRAM, the FLOP-formula TFLOP per step (shared/specs/performance.md,
-appendix, for the actual model size), and the achieved TFLOP/s.
+high-water mark) and peak VRAM, the TFLOP per step of the model size measured (`flop_per_step`:
+every linear layer's multiply-adds per token, plus attention), and the achieved TFLOP/s.
 """
 from __future__ import annotations
 
@@ -31,14 +31,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..engine import EngineOptions, USOPipeline, fp8, memory, positions, sampler, schedule, speed
+from ..engine import EngineOptions, USOPipeline, fp8, memory, positions, speed
+from ..engine.limits import GUIDANCE
 from ..engine.architecture import official
 from ..engine.random_models import SIZES, build_random_models
 
 _GIB = 1024 ** 3
 PROMPT = "a portrait photo of a woman with a red hat in watercolor style"
 WARMUP_PROMPT = "a sketch of a dog in the city at night"
-#: Targets from the issue (performance.md anchors): H100, full size, 1024², 28 steps, 1 subject + 1 style.
+#: Targets: H100, full size, 1024², 28 steps, 1 subject + 1 style. For scale: diffusers' FLUX.1-dev runs
+#: 1024² x 28 steps in 6.7 s bf16 eager and 4.5 s compiled on an H100 (PyTorch blog "torch.compile and
+#: diffusers"); AIML's hosted USO reports 10.55 s of inference for one 1024² image (its API docs' example).
 TARGETS = {"cpu_medium_ratio": 1.10, "h100_e2e_s": {"bf16": 4.0, "fp8_e4m3fn": 2.5, "step_cache": 1.6},
            "h100_vram_gb": {"bf16": 24, "fp8_e4m3fn": 14, "group_offload": 8}, "hosted_e2e_s": 10.55}
 
@@ -105,8 +108,11 @@ class Peaks:
 
 
 def flop_per_step(cfg: dict, tokens: int) -> tuple[float, float]:
-    """(linear, attention) FLOP of one transformer forward over `tokens` joint tokens: the
-    performance.md appendix formula with this model's width and depth."""
+    """(linear, attention) FLOP of one transformer forward over `tokens` joint tokens, with this
+    model's width h and depth: per token, 2 FLOP per multiply-add of every linear layer (a double
+    block: qkv, proj and the 4x MLP of one stream; a single block: linear1 and linear2), and per
+    block 4 N² h for the two attention matmuls (QK^T and PV). At full size one double or single
+    block is 113.2 M multiply-adds per token."""
     h = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     mlp = int(h * 4)
     d, s = cfg["num_layers"], cfg["num_single_layers"]
@@ -174,7 +180,7 @@ class Baseline:
                                               device=device).to(dt),
             pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g, device=device).to(dt),
             timestep=torch.full((1,), 0.5, device=device, dtype=dt),
-            guidance=torch.full((1,), 4.0, device=device, dtype=dt),
+            guidance=torch.full((1,), GUIDANCE.default, device=device, dtype=dt),
             img_ids=img_ids, txt_ids=torch.zeros(tokens["text"], 3, device=device), return_dict=False)
 
     @torch.inference_mode()
@@ -197,25 +203,20 @@ def _rss_now() -> int:
 
 
 class USOStep:
-    """One USO denoising step exactly as `generate` runs it (placement, step-cache context, style
-    hook, subject tokens, LoRA), on the encodings of the timed run."""
+    """One USO denoising step exactly as `generate` runs it: the pipeline's own stages (the
+    references encoded, the starting noise, the first timestep pair, the transformer placed with
+    its step cache, style hook, subject tokens and LoRA) on the encodings of the timed run."""
 
     def __init__(self, pipe, args, styles, subjects):
         self.pipe = pipe
-        self.t5, self.pooled = pipe.encode_prompt(PROMPT)
-        self.style = torch.cat(list(styles.tokens), dim=1) if styles is not None else None
-        self.subjects = [sampler.SubjectTokens(positions.pack(z), (z.shape[2] // 2, z.shape[3] // 2))
-                         for z in (subjects.latents if subjects is not None else ())]
-        self.noise = sampler.initial_noise(0, args.width, args.height, pipe.device)
-        self.ts = schedule.timesteps(args.steps, args.width, args.height, "reference")[:2]
+        self.conditioning = pipe.encode_references(PROMPT, styles, subjects)
+        self.latents = pipe.prepare_latents(0, args.width, args.height)
+        self.timesteps = pipe.prepare_timesteps(args.steps, args.width, args.height)[:2]  # one step
 
     def forward(self) -> float:
-        pipe = self.pipe
         t0 = time.perf_counter()
-        with pipe.placement.use(pipe.transformer, keep=True), speed.step_cache_run(pipe.transformer):
-            sampler.denoise(pipe.transformer, self.noise, self.t5, self.pooled, self.style, self.subjects,
-                            self.ts, 4.0, pipe.precision.compute)
-        _sync(pipe.device)
+        self.pipe.denoise_latents(self.latents, self.conditioning, self.timesteps, GUIDANCE.default)
+        _sync(self.pipe.device)
         return time.perf_counter() - t0
 
 

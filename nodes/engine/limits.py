@@ -7,32 +7,44 @@ limits (fal, AIML) live in `nodes.remote.request`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+from .errors import InputError
 
 
 @dataclass(frozen=True)
 class Limit:
-    """A numeric input: its range, default, required multiple, and the hint a refusal ends with."""
+    """A numeric input: its range, default (None: the caller's, e.g. a provider's), required multiple,
+    and the hint a refusal ends with. Integer bounds mean whole numbers only."""
     name: str
     low: float
     high: float
-    default: float
+    default: float | None
     multiple: int = 1
     hint: str = ""
 
     def problem(self, value) -> str | None:
         """None when `value` is allowed, else the one message that says what is wrong and what to use."""
-        whole = isinstance(self.default, int)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
+        whole = isinstance(self.low, int) and isinstance(self.high, int)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
             kind = "a whole number" if whole else "a number"
             return f"{self.name}: expected {kind}, got {value!r}."
-        if not math.isfinite(value) or not self.low <= value <= self.high:
+        if not whole and math.isnan(value):
+            return f"{self.name}: nan is not a number; use {self.low}..{self.high}{self._hint()}."
+        if not self.low <= value <= self.high:
             return f"{self.name}: {value} is outside {self.low}..{self.high}{self._hint()}."
         if self.multiple > 1 and value % self.multiple:
             below = value // self.multiple * self.multiple
             return (f"{self.name}: {value} is not a multiple of {self.multiple}{self._hint()}; use "
                     f"{below} or {below + self.multiple}.")
         return None
+
+    def check(self, value):
+        """`value` when allowed, else InputError with `problem`'s message."""
+        if (message := self.problem(value)) is not None:
+            raise InputError(message)
+        return value
 
     def _hint(self) -> str:
         return f" ({self.hint})" if self.hint else ""

@@ -20,24 +20,23 @@ from PIL import Image
 
 from . import fp8, lora, memory, positions, sampler, schedule, speed, style, subject, text, vae
 from .gguf_files import is_quantized
+from .limits import (BATCH_SIZE, DENOISE, GUIDANCE, HEIGHT, LONG_SIDE, MAX_PROMPT_CHARS, MAX_REFERENCE_STYLES,
+                     MAX_REFERENCE_SUBJECTS, SEED, SEED_MAX, STEPS, WIDTH)
 from .model_set import LoadedModels, ModelFiles, load_models
 from .user_lora import UserLora, read_user_lora
 from .errors import InputError, ModelFileError, OutOfMemoryError
 
-MIN_SIZE = 16
-MAX_SIZE = 4096
-MAX_BATCH = 16
-MAX_REFERENCE_STYLES = 2
-MAX_REFERENCE_SUBJECTS = 1
-MAX_PROMPT_CHARS = 20000
-SEED_MAX = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed range
-REFERENCE_LONG_SIDE = 512
+# Re-exported for the nodes that still read them here (USO Generate); their home is `limits`.
+MIN_SIZE, MAX_SIZE, MAX_BATCH = WIDTH.low, WIDTH.high, BATCH_SIZE.high
 
 LORA_MODES = ("auto", "fused", "unfused")
 
 
 def batch_seeds(seed: int, count: int) -> list[int]:
-    """Image i of a batch uses seed + i (wrapping past SEED_MAX), so it equals a single run with that seed."""
+    """The seeds of a batch, checked where seed and batch_size enter (every face calls this before
+    `generate`): image i uses seed + i (wrapping past SEED_MAX), so it equals a single run with that seed."""
+    SEED.check(seed)
+    BATCH_SIZE.check(count)  # before a list of that many seeds is built
     return [(int(seed) + i) % (SEED_MAX + 1) for i in range(int(count))]
 
 
@@ -97,6 +96,42 @@ class GenerationResult:
     seeds: list[int]
     width: int
     height: int
+
+
+@dataclass(frozen=True)
+class GenerationInputs:
+    """The checked inputs of one `generate` call (`check_inputs`)."""
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    shift: str
+    denoise: float
+    init_latents: torch.Tensor | None  # image to image: scaled, float32, CPU, (1 or len(seeds), 16, H/8, W/8)
+
+    def start_latent(self, index: int) -> torch.Tensor | None:
+        """Image `index`'s scaled latent to start from (1, 16, H/8, W/8); one latent serves every image."""
+        if self.init_latents is None:
+            return None
+        return self.init_latents[index if len(self.init_latents) > 1 else 0][None]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the transformer is conditioned on (`encode_references`), on the CPU."""
+    t5_tokens: torch.Tensor                         # (1, 512, 4096)
+    pooled: torch.Tensor                            # (1, 768) CLIP
+    style_tokens: torch.Tensor | None               # (1, n, hidden): every style image's tokens in order
+    subject_tokens: list[sampler.SubjectTokens]     # packed latents of each subject
+
+
+def _batch_progress(on_step: Callable[[int, int], None] | None, done_before: int,
+                    total: int) -> Callable[[int, int], None] | None:
+    """One image's step callback reporting to `on_step(done, total)` over the whole batch."""
+    if on_step is None:
+        return None
+    return lambda done, _steps: on_step(done_before + done, total)
 
 
 def _image_key(image: Image.Image) -> str:
@@ -331,11 +366,9 @@ class USOPipeline:
                 tokens_out.append(self.projector(picked).cpu())
         return StyleEncoding(tuple(tokens_out), self.style_owner)
 
-    def encode_subject(self, images: list[Image.Image], long_side: int = REFERENCE_LONG_SIDE,
+    def encode_subject(self, images: list[Image.Image], long_side: int = LONG_SIDE.default,
                        sample_seed: int | None = None) -> SubjectEncoding:
-        if not 64 <= long_side <= 2048 or long_side % 16:
-            raise InputError(f"long_side: {long_side} must be a multiple of 16 between 64 and 2048 "
-                             "(the reference uses 512).")
+        LONG_SIDE.check(long_side)
         latents, sizes = [], []
         for image in images:
             def compute(image=image):
@@ -353,22 +386,101 @@ class USOPipeline:
             sizes.append(size)
         return SubjectEncoding(tuple(latents), tuple(sizes), long_side, self.subject_owner)
 
-    # -- generation ------------------------------------------------------------------------
+    # -- generation, in stages -----------------------------------------------------------------
+    #
+    # generate = check_inputs -> encode_references -> prepare_timesteps -> for each seed:
+    # prepare_latents -> denoise_latents -> unscale -> decode (diffusers' FluxPipeline order).
+
+    def generate(self, prompt: str, styles: StyleEncoding | None = None,
+                 subjects: SubjectEncoding | None = None, width: int = WIDTH.default,
+                 height: int = HEIGHT.default, keep_size: bool = False, steps: int = STEPS.default,
+                 guidance: float = GUIDANCE.default, seeds: list[int] = (SEED.default,),
+                 shift: str = "reference", extra_references: bool = False,
+                 on_step: Callable[[int, int], None] | None = None,
+                 on_decode: Callable[[int, int], None] | None = None,
+                 init_latents: torch.Tensor | None = None, denoise: float = DENOISE.default) -> GenerationResult:
+        """One image per seed; image i equals a single run with seeds[i] (`batch_seeds` checks and
+        makes the seeds of a batch).
+
+        Image to image: `init_latents` (unscaled, (1 or len(seeds), 16, H/8, W/8), what a VAE
+        encodes) set the size, and sampling starts at step `schedule.first_step(steps, denoise)` of
+        the same schedule from x_t = (1 - t) x0 + t noise (x0 the scaled latent, t that step's
+        timestep). denoise 1.0 starts from the noise itself, like a run without a latent.
+
+        `on_step(done, total)` runs after every denoising step and `on_decode(i, n)` before decoding
+        image i of n; raising from either stops the run (Cancel).
+
+        The reference takes at most two style images and one subject; `extra_references` allows
+        more (style tokens are concatenated, subjects continue down the UnoPE diagonal).
+        """
+        run = self.check_inputs(seeds, width, height, keep_size, steps, guidance, shift, denoise,
+                                init_latents, styles, subjects, extra_references)
+        conditioning = self.encode_references(prompt, styles, subjects)
+        timesteps = self.prepare_timesteps(run.steps, run.width, run.height, run.shift, run.denoise)
+        images, latents = self._guarded(f"generating {run.width}x{run.height}", lambda: self._sample_and_decode(
+            run, conditioning, timesteps, on_step, on_decode))
+        return GenerationResult(images, latents, run.seeds, run.width, run.height)
+
+    def _sample_and_decode(self, run: "GenerationInputs", conditioning: "Conditioning",
+                           timesteps: list[float], on_step, on_decode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, unscaled latents) of every seed: each image sampled on its own, then all decoded."""
+        steps_per_image = len(timesteps) - 1
+        with self._lock, self._placed():
+            self._sync_user_loras()
+            latents = []
+            for n, seed in enumerate(run.seeds):
+                start = self.prepare_latents(seed, run.width, run.height, run.start_latent(n), timesteps[0])
+                z = self.denoise_latents(start, conditioning, timesteps, run.guidance,
+                                         _batch_progress(on_step, n * steps_per_image,
+                                                         len(run.seeds) * steps_per_image))
+                latents.append(vae.unscale(self.vae, z))
+            unscaled = torch.cat(latents).cpu()
+            return self.decode(unscaled, on_decode), unscaled
+
+    def check_inputs(self, seeds, width, height, keep_size, steps, guidance, shift, denoise,
+                     init_latents, styles, subjects, extra_references) -> "GenerationInputs":
+        """Every input of `generate` checked (the messages of `limits`), before any model runs."""
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise InputError("seeds: no seed given; give one seed per image (batch_seeds(seed, batch_size)).")
+        steps = int(STEPS.check(steps))
+        guidance = float(GUIDANCE.check(guidance))
+        if shift not in schedule.SHIFTS:
+            raise InputError(f"shift: '{shift}' is not one of {', '.join(schedule.SHIFTS)}.")
+        denoise = float(DENOISE.check(denoise))
+        if schedule.first_step(steps, denoise) >= steps:
+            raise InputError(f"denoise: {denoise} x {steps} steps leaves no step to run; raise denoise or steps.")
+        x0 = None
+        if init_latents is not None:
+            x0 = self._scaled_init_latents(init_latents, len(seeds))
+            height, width = x0.shape[2] * 8, x0.shape[3] * 8
+        elif denoise < 1.0:
+            raise InputError(f"denoise: {denoise} needs a latent to start from; connect a LATENT (e.g. from VAE "
+                             "Encode) or set denoise to 1.0.")
+        else:
+            width, height = self.output_size(width, height, keep_size, subjects)
+        self.check_encodings(styles, subjects)
+        if not extra_references:
+            if styles is not None and styles.count > MAX_REFERENCE_STYLES:
+                raise InputError(f"style: {styles.count} style images; the reference takes at most "
+                                 f"{MAX_REFERENCE_STYLES}. Remove some, or turn on extra_references.")
+            if subjects is not None and len(subjects.latents) > MAX_REFERENCE_SUBJECTS:
+                raise InputError(f"subject: {len(subjects.latents)} subjects; the reference takes one. Use "
+                                 "one subject image, or turn on extra_references.")
+        return GenerationInputs(seeds, width, height, steps, guidance, shift, denoise, x0)
 
     def output_size(self, width: int, height: int, keep_size: bool,
                     subjects: SubjectEncoding | None) -> tuple[int, int]:
-        """The reference's size rules: keep_size = 2x the preprocessed subject; floor to /16."""
+        """The reference's size rules: keep_size = 2x the preprocessed subject, down to /16;
+        otherwise width and height as given (multiples of 16, `limits.WIDTH` / `HEIGHT`)."""
         if keep_size:
             if subjects is None or not subjects.latents:
                 raise InputError("keep_size: needs a subject (the output size comes from it); connect "
                                  "a USO Encode Subject output or turn keep_size off.")
             w, h = subjects.sizes[0]
-            width, height = int(w * (1024 / subjects.long_side)), int(h * (1024 / subjects.long_side))
-        for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value < MIN_SIZE or value > MAX_SIZE:
-                raise InputError(f"{name}: {value} is outside {MIN_SIZE}..{MAX_SIZE}; pick a size in "
-                                 "that range (1024 is USO's native size).")
-        return width // 16 * 16, height // 16 * 16
+            width = int(w * (1024 / subjects.long_side)) // 16 * 16
+            height = int(h * (1024 / subjects.long_side)) // 16 * 16
+        return int(WIDTH.check(width)), int(HEIGHT.check(height))
 
     def check_encodings(self, styles: StyleEncoding | None, subjects: SubjectEncoding | None) -> None:
         if styles is not None:
@@ -385,95 +497,39 @@ class USOPipeline:
                              "precision). Connect USO Encode Subject to the same USO Load Models output "
                              "as USO Generate.")
 
-    def generate(self, prompt: str, styles: StyleEncoding | None = None,
-                 subjects: SubjectEncoding | None = None, width: int = 1024, height: int = 1024,
-                 keep_size: bool = False, steps: int = 25, guidance: float = 4.0,
-                 seeds: list[int] = (0,), shift: str = "reference", extra_references: bool = False,
-                 on_step: Callable[[int, int], None] | None = None,
-                 on_decode: Callable[[int, int], None] | None = None,
-                 init_latents: torch.Tensor | None = None, denoise: float = 1.0) -> GenerationResult:
-        """One image per seed; image i equals a single run with seeds[i].
-
-        Image to image: `init_latents` (unscaled, (1 or len(seeds), 16, H/8, W/8), what a VAE
-        encodes) set the size, and sampling starts at step `schedule.first_step(steps, denoise)` of
-        the same schedule from x_t = (1 - t) x0 + t noise (x0 the scaled latent, t that step's
-        timestep). denoise 1.0 starts from the noise itself, like a run without a latent.
-
-        `on_step(done, total)` runs after every denoising step and `on_decode(i, n)` before decoding
-        image i of n; raising from either stops the run (Cancel).
-
-        The reference takes at most two style images and one subject; `extra_references` allows
-        more (style tokens are concatenated, subjects continue down the UnoPE diagonal).
-        """
-        seeds = [int(s) for s in seeds]
-        if not 1 <= len(seeds) <= MAX_BATCH:
-            raise InputError(f"batch_size: {len(seeds)} images; pick 1..{MAX_BATCH}.")
-        if not 1 <= int(steps) <= 200:
-            raise InputError(f"steps: {steps} is outside 1..200 (the reference uses 25).")
-        if not math.isfinite(float(guidance)):
-            raise InputError(f"guidance: {guidance} is not a number; use 4.0 (the reference) or 3.5.")
-        if shift not in schedule.SHIFTS:
-            raise InputError(f"shift: '{shift}' is not one of {', '.join(schedule.SHIFTS)}.")
-        denoise = float(denoise)
-        if not 0.0 <= denoise <= 1.0:  # also NaN
-            raise InputError(f"denoise: {denoise} is outside 0..1 (1.0 = from noise; 0.5 = keep half of the "
-                             "input latent's structure).")
-        x0 = None
-        if init_latents is not None:
-            x0 = self._scaled_init_latents(init_latents, len(seeds))
-            height, width = x0.shape[2] * 8, x0.shape[3] * 8
-        elif denoise < 1.0:
-            raise InputError(f"denoise: {denoise} needs a latent to start from; connect a LATENT (e.g. from VAE "
-                             "Encode) or set denoise to 1.0.")
-        else:
-            width, height = self.output_size(int(width), int(height), keep_size, subjects)
-        self.check_encodings(styles, subjects)
-        if not extra_references:
-            if styles is not None and styles.count > MAX_REFERENCE_STYLES:
-                raise InputError(f"style: {styles.count} style images; the reference takes at most "
-                                 f"{MAX_REFERENCE_STYLES}. Remove some, or turn on extra_references.")
-            if subjects is not None and len(subjects.latents) > MAX_REFERENCE_SUBJECTS:
-                raise InputError(f"subject: {len(subjects.latents)} subjects; the reference takes one. Use "
-                                 "one subject image, or turn on extra_references.")
+    def encode_references(self, prompt: str, styles: StyleEncoding | None,
+                          subjects: SubjectEncoding | None) -> "Conditioning":
+        """What the transformer is conditioned on: the prompt's T5 tokens and pooled CLIP vector,
+        the style tokens of every style image in one sequence, each subject's packed latents."""
         t5_tokens, pooled = self.encode_prompt(prompt)
         style_tokens = torch.cat(list(styles.tokens), dim=1) if styles and styles.count else None
         subject_tokens = [sampler.SubjectTokens(positions.pack(z), (z.shape[2] // 2, z.shape[3] // 2))
                           for z in (subjects.latents if subjects else ())]
-        ts = schedule.timesteps(int(steps), width, height, shift)
-        first = schedule.first_step(int(steps), denoise)
-        if first >= int(steps):
-            raise InputError(f"denoise: {denoise} x {steps} steps leaves no step to run; raise denoise or steps.")
-        ts = ts[first:]
-        run_steps = len(ts) - 1
-        total = len(seeds) * run_steps
+        return Conditioning(t5_tokens, pooled, style_tokens, subject_tokens)
 
-        def sample_and_decode():
-            latents = []
-            with self._lock, self._placed():
-                self._sync_user_loras()
-                for n, seed in enumerate(seeds):
-                    noise = sampler.initial_noise(seed, width, height, self.device)
-                    if x0 is not None:
-                        noise = sampler.noised_latent(x0[n if len(x0) > 1 else 0][None].to(self.device),
-                                                      noise, ts[0])
+    @staticmethod
+    def prepare_timesteps(steps: int, width: int, height: int, shift: str = "reference",
+                          denoise: float = 1.0) -> list[float]:
+        """The schedule's timesteps from image to image's first step on (all of them at denoise 1.0)."""
+        return schedule.timesteps(steps, width, height, shift)[schedule.first_step(steps, denoise):]
 
-                    def report(done, _steps, base=n * run_steps):
-                        if on_step is not None:
-                            on_step(base + done, total)
+    def prepare_latents(self, seed: int, width: int, height: int, start_latent: torch.Tensor | None = None,
+                        t_start: float = 1.0) -> torch.Tensor:
+        """Where sampling starts, on the device: the seed's noise, or image to image's scaled latent
+        (1, 16, H/8, W/8) moved along the flow to the first timestep `t_start`."""
+        noise = sampler.initial_noise(seed, width, height, self.device)
+        if start_latent is None:
+            return noise
+        return sampler.noised_latent(start_latent.to(self.device), noise, t_start)
 
-                    with self.placement.using(self.transformer, keep=True), \
-                            speed.step_cache_run(self.transformer):
-                        z = sampler.denoise(self.transformer, noise, t5_tokens, pooled, style_tokens,
-                                            subject_tokens, ts, float(guidance), self.precision.compute,
-                                            report)
-                    latents.append(z.float() / self.vae.config.scaling_factor +
-                                   self.vae.config.shift_factor)
-                unscaled = torch.cat(latents).cpu()
-                images = self.decode(unscaled, on_decode)
-            return images, unscaled
-
-        images, unscaled = self._guarded(f"generating {width}x{height}", sample_and_decode)
-        return GenerationResult(images, unscaled, seeds, width, height)
+    def denoise_latents(self, latents: torch.Tensor, conditioning: "Conditioning", timesteps: list[float],
+                        guidance: float, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The transformer (placed, with the step cache of this run) from `latents` along
+        `timesteps`: the scaled image latents, in the compute dtype."""
+        with self.placement.using(self.transformer, keep=True), speed.step_cache_run(self.transformer):
+            return sampler.denoise(self.transformer, latents, conditioning.t5_tokens, conditioning.pooled,
+                                   conditioning.style_tokens, conditioning.subject_tokens, timesteps,
+                                   guidance, self.precision.compute, on_step)
 
     def _scaled_init_latents(self, latents, count: int) -> torch.Tensor:
         """A LATENT's samples (unscaled, like ComfyUI's and our own LATENT output) checked and
@@ -486,9 +542,9 @@ class USOPipeline:
         if c != 16:
             raise InputError(f"latent: has {c} channels; FLUX latents have 16 (a {c}-channel latent comes from "
                              "another model's VAE, e.g. SD/SDXL). Encode with the FLUX VAE (ae.safetensors).")
-        if not MIN_SIZE <= 8 * (h // 2 * 2) <= MAX_SIZE or not MIN_SIZE <= 8 * (w // 2 * 2) <= MAX_SIZE:
-            raise InputError(f"latent: is for a {8 * w}x{8 * h} image; USO makes sides of {MIN_SIZE}..{MAX_SIZE} px. "
-                             "Scale the image first (e.g. Upscale Image).")
+        if WIDTH.problem(8 * (w // 2 * 2)) or HEIGHT.problem(8 * (h // 2 * 2)):
+            raise InputError(f"latent: is for a {8 * w}x{8 * h} image; USO makes sides of {WIDTH.low}..{WIDTH.high} "
+                             "px. Scale the image first (e.g. Upscale Image).")
         if b not in (1, count):
             raise InputError(f"latent: holds {b} latents for {count} images; give one latent (used for every "
                              "image) or one per image.")
@@ -496,7 +552,7 @@ class USOPipeline:
         z = latents.detach()[:, :, : h // 2 * 2, : w // 2 * 2].to("cpu", torch.float32)
         if not torch.isfinite(z).all():
             raise InputError("latent: contains NaN or infinite values; encode the image again.")
-        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return vae.scale(self.vae, z)
 
     def encode_image_latents(self, image: Image.Image) -> torch.Tensor:
         """An image -> unscaled latents (1, 16, H/8, W/8) for `generate(init_latents=...)`: the VAE's
@@ -505,13 +561,13 @@ class USOPipeline:
         w, h = rgb.width // 16 * 16, rgb.height // 16 * 16
         left, top = (rgb.width - w) // 2, (rgb.height - h) // 2
         prepared = rgb.crop((left, top, left + w, top + h))
-        if min(prepared.size) < MIN_SIZE or max(prepared.size) > MAX_SIZE:
-            raise InputError(f"init_image: {image.width}x{image.height} is outside {MIN_SIZE}..{MAX_SIZE} px.")
+        if WIDTH.problem(prepared.width) or HEIGHT.problem(prepared.height):
+            raise InputError(f"init_image: {image.width}x{image.height} is outside {WIDTH.low}..{WIDTH.high} px.")
 
         def compute():
             with self._lock, self._placed(), self.placement.using(self.vae, keep=True):
                 z = vae.encode_latents(self.vae, subject.subject_pixels(prepared))
-            return (z.float() / self.vae.config.scaling_factor + self.vae.config.shift_factor).cpu()
+            return vae.unscale(self.vae, z).cpu()
 
         return self._guarded("encoding the init image", compute)
 

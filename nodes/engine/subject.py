@@ -5,8 +5,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .limits import LONG_SIDE
 
-def preprocess_subject(image: Image.Image, long_side: int = 512) -> Image.Image:
+
+def preprocess_subject(image: Image.Image, long_side: int = LONG_SIDE.default) -> Image.Image:
     """Long side to `long_side` (LANCZOS, short side floored), center crop to multiples of 16.
 
     A 16x16 image passes through untouched, and RGB conversion happens after resizing (so RGBA

@@ -17,7 +17,17 @@ def encode_latents(vae, pixels: torch.Tensor, sample_seed: int | None = None) ->
     else:
         generator = torch.Generator(device=param.device).manual_seed(int(sample_seed))
         z = dist.sample(generator=generator)
-    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+    return scale(vae, z)
+
+
+def scale(vae, latents: torch.Tensor) -> torch.Tensor:
+    """What the VAE encodes -> what the transformer sees: (z - shift) * scale."""
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def unscale(vae, latents: torch.Tensor) -> torch.Tensor:
+    """What the transformer makes -> what the VAE decodes (and a LATENT holds), in float32."""
+    return latents.float() / vae.config.scaling_factor + vae.config.shift_factor
 
 
 @torch.inference_mode()

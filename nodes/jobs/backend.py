@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine import limits
 from ..remote import PROVIDERS
 
 #: USO Generate's defaults (and USO Encode Style / Subject's): the API's and the command line's.
-DEFAULTS = dict(prompt="", width=1024, height=1024, keep_size=False, steps=25, guidance=4.0, seed=0,
-                batch_size=1, style_crop="reference", long_side=512, shift="reference")
+DEFAULTS = dict(prompt="", width=limits.WIDTH.default, height=limits.HEIGHT.default, keep_size=False,
+                steps=limits.STEPS.default, guidance=limits.GUIDANCE.default, seed=limits.SEED.default,
+                batch_size=limits.BATCH_SIZE.default, style_crop="reference", long_side=limits.LONG_SIDE.default,
+                shift="reference")
 #: What the tiny random models use instead, so the whole path runs in seconds.
 TINY_DEFAULTS = dict(width=64, height=64, steps=4, long_side=64)
 #: USO Remote Generate's defaults where they differ (the providers' own default step count).

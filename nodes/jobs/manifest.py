@@ -23,14 +23,24 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..engine.pipeline import SEED_MAX
+from ..engine import limits
+from ..engine.limits import Limit
 from ..files.image_files import probe_image
+from ..remote import request as remote_request
 from .backend import Backend
 
-#: Limits per backend (local or remote): (min, max) and step sizes, as the nodes check them.
+_FAL_AIML = "fal/AIML's range"
+#: Limits per backend: the engine's (`engine.limits`) and the providers' (`remote.request`).
 LIMITS = {
-    "local": dict(side=(16, 4096), steps=(1, 200), guidance=(0.0, 20.0), batch_size=(1, 16), styles=2),
-    "remote": dict(side=(256, 2048), steps=(1, 50), guidance=(1.0, 10.0), batch_size=(1, 4), styles=2),
+    "local": dict(width=limits.WIDTH, height=limits.HEIGHT, steps=limits.STEPS, guidance=limits.GUIDANCE,
+                  batch_size=limits.BATCH_SIZE, styles=limits.MAX_REFERENCE_STYLES),
+    "remote": dict(width=Limit("width", *remote_request.SIDE_RANGE, None, 16, _FAL_AIML),
+                   height=Limit("height", *remote_request.SIDE_RANGE, None, 16, _FAL_AIML),
+                   steps=Limit("steps", *remote_request.STEPS_RANGE, None, hint=_FAL_AIML),
+                   guidance=Limit("guidance", *remote_request.GUIDANCE_RANGE, None, hint=_FAL_AIML),
+                   batch_size=Limit("batch_size", *remote_request.NUM_IMAGES_RANGE, None,
+                                    hint="fal/AIML's num_images"),
+                   styles=remote_request.MAX_STYLES),
 }
 FIELDS = ("prompt", "subject", "styles", "seed", "width", "height", "keep_size", "steps", "guidance",
           "batch_size", "output", "style_crop", "long_side", "shift", "extra_references", "negative_prompt",
@@ -217,9 +227,9 @@ def _loras(value) -> list[tuple[str, float]]:
     return tuple(out)
 
 
-def _in_range(name, value, lo, hi, hint=""):
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} {value} is outside {lo}..{hi}{hint}")
+def _within(limit: Limit, value):
+    if (problem := limit.problem(value)) is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -264,32 +274,29 @@ def check_fields(values: dict, backend: Backend, base_dir: str, defaults: dict) 
     `values` holds what the row (or the command line) set; `defaults` the rest. Paths are made
     absolute against `base_dir`.
     """
-    limits = LIMITS["local" if backend.is_local else "remote"]
+    kind_limits = LIMITS["local" if backend.is_local else "remote"]
     problems: list[str] = []
     out = dict(defaults)
     setters = {
         "prompt": lambda v: _text("prompt", v),
         "subject": lambda v: _text("subject", v).strip() or None,
         "styles": _styles,
-        "seed": lambda v: _in_range("seed", _int("seed", v), 0, SEED_MAX),
+        "seed": lambda v: _within(limits.SEED, _int("seed", v)),
         "width": lambda v: _int("width", v),
         "height": lambda v: _int("height", v),
         "keep_size": lambda v: _bool("keep_size", v),
-        "steps": lambda v: _in_range("steps", _int("steps", v), *limits["steps"],
-                                     "" if backend.is_local else " for fal/AIML"),
-        "guidance": lambda v: _in_range("guidance", _float("guidance", v), *limits["guidance"],
-                                        "" if backend.is_local else " for fal/AIML"),
-        "batch_size": lambda v: _in_range("batch_size", _int("batch_size", v), *limits["batch_size"],
-                                          "" if backend.is_local else " for fal/AIML (num_images)"),
+        "steps": lambda v: _within(kind_limits["steps"], _int("steps", v)),
+        "guidance": lambda v: _within(kind_limits["guidance"], _float("guidance", v)),
+        "batch_size": lambda v: _within(kind_limits["batch_size"], _int("batch_size", v)),
         "output": lambda v: _output_name(_text("output", v)) if str(v).strip() else None,
         "style_crop": lambda v: _choice("style_crop", v),
-        "long_side": lambda v: _long_side(_int("long_side", v)),
+        "long_side": lambda v: _within(limits.LONG_SIDE, _int("long_side", v)),
         "shift": lambda v: _choice("shift", v),
         "extra_references": lambda v: _bool("extra_references", v),
         "negative_prompt": lambda v: _text("negative_prompt", v),
         "loras": _loras,
         "init_image": lambda v: _text("init_image", v).strip() or None,
-        "denoise": lambda v: _in_range("denoise", _float("denoise", v), 0.0, 1.0),
+        "denoise": lambda v: _within(limits.DENOISE, _float("denoise", v)),
     }
     for key, raw in values.items():
         if raw is None:
@@ -320,19 +327,13 @@ def check_fields(values: dict, backend: Backend, base_dir: str, defaults: dict) 
 
 def check_job(out: dict, backend: Backend) -> list[str]:
     """Problems between the fields of one job (after `check_fields`)."""
-    limits = LIMITS["local" if backend.is_local else "remote"]
+    kind_limits = LIMITS["local" if backend.is_local else "remote"]
     problems: list[str] = []
     if not out["keep_size"]:
-        lo, hi = limits["side"]
         for key in ("width", "height"):
-            v = out[key]
-            if isinstance(v, int):
-                if not lo <= v <= hi:
-                    problems.append(f"{key} {v} is outside {lo}..{hi}"
-                                    f"{'' if backend.is_local else ' for fal/AIML'}")
-                elif v % 16:
-                    problems.append(f"{key} {v} is not a multiple of 16 (use {v // 16 * 16} or {v // 16 * 16 + 16})")
-    max_styles = limits["styles"]
+            if isinstance(out[key], int) and (problem := kind_limits[key].problem(out[key])):
+                problems.append(problem)
+    max_styles = kind_limits["styles"]
     if len(out["styles"]) > max_styles and not (backend.is_local and out.get("extra_references")):
         problems.append(f"styles: {len(out['styles'])} images; USO takes at most {max_styles}"
                         + (" (set extra_references to allow more)" if backend.is_local else " on fal/AIML"))
@@ -348,12 +349,6 @@ def check_job(out: dict, backend: Backend) -> list[str]:
 def _choice(name, value):
     if value not in CHOICES[name]:
         raise ValueError(f"{name} '{value}' is not one of {', '.join(CHOICES[name])}")
-    return value
-
-
-def _long_side(value: int) -> int:
-    if not 64 <= value <= 2048 or value % 16:
-        raise ValueError(f"long_side {value} must be a multiple of 16 in 64..2048 (USO uses 512)")
     return value
 
 

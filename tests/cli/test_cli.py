@@ -160,11 +160,11 @@ def test_manifest_problems_are_reported_with_line_numbers(tmp_path, pictures, ca
     code, out, err = run(["--tiny", "--manifest", manifest, "--out", tmp_path / "out"], capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert "error: jobs.jsonl line 2: width 1000 is not a multiple of 16 (use 992 or 1008)" in lines
+    assert "error: jobs.jsonl line 2: width: 1000 is not a multiple of 16 (FLUX works on 16 px patches; 1024 is USO's native size); use 992 or 1008." in lines
     assert any(line.startswith("error: jobs.jsonl line 3: subject 'pictures/nope.png' does not exist") for line in lines)
     assert "error: jobs.jsonl line 4: unknown field 'promt' (did you mean 'prompt'?)" in lines
     assert "error: jobs.jsonl line 5: keep_size needs a subject image (the output size comes from it)" in lines
-    assert any("line 6: steps 0 is outside 1..200" in line for line in lines)
+    assert any("line 6: steps: 0 is outside 1..200 (the reference uses 25)." in line for line in lines)
     assert any("line 6: negative_prompt is only sent to fal/AIML" in line for line in lines)
     assert not any("line 1:" in line for line in lines)
     assert "nothing was generated" in err and not (tmp_path / "out").exists()
@@ -181,15 +181,15 @@ def test_a_row_with_several_kinds_of_problems_lists_them_all(tmp_path, pictures,
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert lines == [
         "error: jobs.jsonl line 1: seed 'x' is not a whole number",
-        "error: jobs.jsonl line 1: width 1000 is not a multiple of 16 (use 992 or 1008)",
-        "error: jobs.jsonl line 1: height 5000 is outside 16..4096",
-        "error: jobs.jsonl line 2: steps 0 is outside 1..200",
+        "error: jobs.jsonl line 1: width: 1000 is not a multiple of 16 (FLUX works on 16 px patches; 1024 is USO's native size); use 992 or 1008.",
+        "error: jobs.jsonl line 1: height: 5000 is outside 16..4096 (FLUX works on 16 px patches; 1024 is USO's native size).",
+        "error: jobs.jsonl line 2: steps: 0 is outside 1..200 (the reference uses 25).",
         "error: jobs.jsonl line 2: guidance 'strong' is not a number",
         "error: jobs.jsonl line 2: keep_size needs a subject image (the output size comes from it)",
     ]
     # The same on the command line.
     code, out, err = run(["--tiny", "--prompt", "x", "--steps", "0", "--keep-size", "--out", tmp_path / "out"], capsys)
-    assert code == 2 and "steps 0 is outside 1..200" in err and "keep_size needs a subject image" in err
+    assert code == 2 and "steps: 0 is outside 1..200 (the reference uses 25)." in err and "keep_size needs a subject image" in err
 
 
 def test_csv_manifest_types_and_line_numbers(tmp_path, pictures, capsys):
@@ -204,7 +204,7 @@ def test_csv_manifest_types_and_line_numbers(tmp_path, pictures, capsys):
     code, out, err = run(["--tiny", "--manifest", manifest, "--out", tmp_path / "out"], capsys)
     assert code == 2
     assert "error: jobs.csv line 6: seed 'x' is not a whole number" in err
-    assert "error: jobs.csv line 6: height 4100 is outside 16..4096" in err  # every kind, not only the first
+    assert "error: jobs.csv line 6: height: 4100 is outside 16..4096" in err  # every kind, not only the first
     assert "error: jobs.csv line 7: 10 values but the header has 9 columns" in err
 
     manifest.write_text("\n".join(manifest.read_text().split("\n")[:5]) + "\n")
@@ -241,7 +241,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     code, _, err = run(["--tiny", "--transformer", "flux.safetensors"], capsys)
     assert code == 2 and "--tiny builds its own models; drop --transformer" in err
     code, _, err = run(["--tiny", "--width", "100"], capsys)
-    assert code == 2 and "error: width 100 is not a multiple of 16" in err
+    assert code == 2 and "error: width: 100 is not a multiple of 16" in err
     code, _, err = run(["--tiny", "--manifest", tmp_path / "absent.jsonl"], capsys)
     assert code == 2 and "cannot read the manifest" in err
     code, _, err = run(["--tiny", "--style", tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"], capsys)

@@ -508,7 +508,7 @@ def test_style_tokens_of_another_width_are_refused(good):
 
 def test_bad_long_side_and_posterior_at_run_time(good):
     model = good[0]
-    with pytest.raises(InputError, match="long_side: 500 must be a multiple of 16"):
+    with pytest.raises(InputError, match="long_side: 500 is not a multiple of 16"):
         encode_subject(model, image(40, 30), long_side=500)
     with pytest.raises(InputError, match="posterior: 'random' is not one of mean, sample"):
         node("USOEncodeSubject").encode(model, image(40, 30), 64, "random", 0)

@@ -18,7 +18,8 @@ from PIL import Image
 
 from nodes.comfyui import image_convert
 from nodes.engine import InputError, positions, subject
-from nodes.engine.pipeline import MAX_SIZE, MIN_SIZE, SubjectEncoding, USOPipeline
+from nodes.engine.limits import WIDTH
+from nodes.engine.pipeline import SubjectEncoding, USOPipeline
 from nodes.comfyui.generate_node import check_size
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -93,7 +94,7 @@ def test_keep_size_output_is_a_valid_size_or_a_clear_error(w, h, long_side):
     except InputError as exc:
         assert str(exc).startswith(("width: ", "height: ")) and "outside 16..4096" in str(exc)
         return
-    assert ow % 16 == 0 and oh % 16 == 0 and MIN_SIZE <= min(ow, oh) and max(ow, oh) <= 1024
+    assert ow % 16 == 0 and oh % 16 == 0 and WIDTH.low <= min(ow, oh) and max(ow, oh) <= 1024
     pw, ph = prepared.size
     # The reference's own expression, float rounding included: at long_side 784 a 784 px side gives
     # int(784 * (1024 / 784)) = int(1023.99...) = 1023 -> 1008, not 1024 (exact at 512, the default).
@@ -104,7 +105,7 @@ def test_keep_size_output_is_a_valid_size_or_a_clear_error(w, h, long_side):
 @given(value=st.one_of(st.integers(-100, 5000), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3)))
 def test_generate_size_check_accepts_exactly_the_valid_sizes(value):
     problem = check_size("width", value)
-    valid = isinstance(value, int) and not isinstance(value, bool) and MIN_SIZE <= value <= MAX_SIZE \
+    valid = isinstance(value, int) and not isinstance(value, bool) and WIDTH.low <= value <= WIDTH.high \
         and value % 16 == 0
     assert (problem is None) == valid
     if problem is not None:
