@@ -1,7 +1,9 @@
 """Build each model on the meta device and fill it from its file with `assign=True`.
 
 Tensors are read one at a time, converted and cast on the way, so peak RAM stays near one copy
-of the weights. Every loader accepts the layouts listed in the parity spec (§4).
+of the weights. Every loader accepts the layouts its model is published in: BFL single files,
+diffusers folders (one file or shards), ComfyUI all-in-one checkpoints, fp8 and scaled fp8, and GGUF
+(transformer only).
 """
 from __future__ import annotations
 
