@@ -11,7 +11,7 @@ import os
 import re
 
 from .errors import ModelFileError
-from .weight_files import WeightSource
+from .weight_source import WeightSource
 
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from .errors import ModelFileError
-from .weight_files import WeightSource
+from .weight_source import WeightSource
 
 AIO_TRANSFORMER_PREFIX = "model.diffusion_model."
 AIO_PREFIXES = {

@@ -11,7 +11,7 @@ import os
 import torch
 
 from .errors import ModelFileError
-from .weight_files import TensorInfo, WeightSource
+from .weight_source import TensorInfo, WeightSource
 
 _PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16}
 

@@ -19,7 +19,8 @@ from .gguf_files import is_quantized
 from .projector import StyleProjector
 from .fp8 import FP8_DTYPES, fp8_storable, keep_scaled_fp8
 from .scaled_fp8 import DequantizedSource, dequantized
-from .weight_files import WeightSource, open_weights
+from .weight_files import open_weights
+from .weight_source import WeightSource
 
 @dataclass
 class Component:

@@ -13,7 +13,7 @@ import os
 import torch
 
 from .errors import ModelFileError
-from .weight_files import WeightSource
+from .weight_source import WeightSource
 
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 _DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")

@@ -12,7 +12,8 @@ import tiny_models
 from nodes.engine import ModelFileError, TokenizerNotFoundError, architecture, loaders, lora
 from nodes.engine.gguf_files import is_quantized
 from nodes.engine.loaders import Component
-from nodes.engine.weight_files import StateDictSource, open_weights
+from nodes.engine.weight_files import open_weights
+from nodes.engine.weight_source import StateDictSource
 
 
 def dequantize(tensor: torch.Tensor) -> torch.Tensor:
