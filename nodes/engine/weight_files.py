@@ -41,7 +41,7 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             header = json.loads(f.read(header_len))
     except OSError as exc:
         raise ModelFileError(f"{name}: cannot be read ({exc.strerror or exc}).") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelFileError(f"{name}: this is not a safetensors file (its header is not JSON). "
                              "Pick a .safetensors weight file.") from exc
     not_safetensors = ModelFileError(f"{name}: this is not a safetensors file (its header does not list "
@@ -49,17 +49,26 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
     if not isinstance(header, dict):
         raise not_safetensors
     metadata = header.pop("__metadata__", None) or {}
+    # safetensors keeps text under text keys there (its own reader refuses anything else).
     if not isinstance(metadata, dict):
-        metadata = {}
+        raise ModelFileError(f"{name}: its metadata (__metadata__) is {type(metadata).__name__}, not a "
+                             "table of texts; the file is damaged or was not written by a safetensors "
+                             "writer. Download it again, or re-save it.")
+    for field_name, value in metadata.items():
+        if not isinstance(value, str):
+            raise ModelFileError(f"{name}: its metadata field '{field_name}' holds "
+                                 f"{type(value).__name__}, not text; the file is damaged or was not "
+                                 "written by a safetensors writer. Download it again, or re-save it.")
     infos: dict[str, TensorInfo] = {}
     data_end = 0
     for key, entry in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            end = int(entry["data_offsets"][1])
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise not_safetensors from None
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and _whole_numbers(entry.get("shape")) and _whole_numbers(entry.get("data_offsets"))
+                and len(entry["data_offsets"]) == 2 and entry["data_offsets"][0] <= entry["data_offsets"][1]):
+            raise not_safetensors
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
+        shape = tuple(entry["shape"])
+        end = entry["data_offsets"][1]
         infos[key] = TensorInfo(shape, dtype)
         data_end = max(data_end, end)
     if 8 + header_len + data_end > size:
@@ -68,6 +77,11 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             f"{name}: the file is truncated ({missing_mb:.1f} MB missing; a half-finished "
             "download?). Download it again.")
     return infos, metadata
+
+
+def _whole_numbers(value) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                           for d in value)
 
 
 def open_weights(path: str) -> WeightSource:
@@ -108,6 +122,10 @@ def _open_folder(path: str) -> WeightSource:
             owners[k] = full
     config_path = os.path.join(path, "config.json")
     if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            metadata.setdefault("config", f.read())
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                metadata.setdefault("config", f.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelFileError(f"{config_path}: cannot be read as text ({exc}). Download the "
+                                 "folder's config.json again.") from exc
     return WeightSource(path=path, infos=infos, metadata=metadata, _files=owners)

@@ -28,6 +28,8 @@ class WeightSource:
     metadata: dict[str, str] = field(default_factory=dict)
     _files: dict[str, str] = field(default_factory=dict)  # key -> file holding it
     _handles: dict = field(default_factory=dict, repr=False)
+    #: The key prefix this view was cut at in its file ("" for a whole file).
+    prefix: str = ""
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -47,7 +49,11 @@ class WeightSource:
                 raise ModelFileError(f"{os.path.basename(file)}: cannot be read ({exc}). "
                                      "The file may be damaged; download it again.") from exc
             self._handles[file] = handle
-        return handle.get_tensor(key)
+        try:
+            return handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error type for a damaged tensor
+            raise ModelFileError(f"{os.path.basename(file)}: its tensor {key} cannot be read ({exc}). "
+                                 "The file may be damaged; download it again.") from exc
 
     def close(self) -> None:
         self._handles.clear()
@@ -57,23 +63,44 @@ class WeightSource:
         return _PrefixedSource(self, prefix)
 
     def config(self, component: str | None = None) -> dict | None:
-        """The architecture stored in the `config` metadata entry, if the file carries one."""
+        """The architecture stored in the `config` metadata entry, if the file carries one.
+
+        Three shapes are read: one config for the file; one per model part, keyed by the part's
+        name (`{"transformer": {...}, "vae": {...}}`); and one per part keyed by the part's key
+        prefix, as all-in-one checkpoints carry it (`{"model.diffusion_model.": {...}, "vae.":
+        {...}}`), where a view made by `with_prefix` gets its own part. Anything else (not JSON,
+        not a JSON object, no part for this view) is no config: the loaders derive the
+        architecture from the tensor shapes, which every file has."""
         raw = self.metadata.get("config")
         if not raw:
             return None
         try:
             cfg = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
-        if component is not None and isinstance(cfg, dict) and component in cfg:
-            return cfg[component]
+        if not isinstance(cfg, dict):
+            return None
+        if _keyed_by(cfg, lambda key: key.endswith(".")):
+            owners = [key for key in cfg if self.prefix.startswith(key)]
+            return cfg[max(owners, key=len)] if owners else None
+        if _keyed_by(cfg, lambda key: key in PART_NAMES):
+            part = cfg.get(component)
+            return part if isinstance(part, dict) else None
         return cfg
+
+
+#: The names a multi-part `config` metadata entry may key its parts by.
+PART_NAMES = ("transformer", "vae", "t5", "clip_l", "siglip")
+
+
+def _keyed_by(cfg: dict, is_part_key) -> bool:
+    return bool(cfg) and all(is_part_key(k) and isinstance(v, dict) for k, v in cfg.items())
 
 
 class _PrefixedSource(WeightSource):
     def __init__(self, base: WeightSource, prefix: str):
         infos = {k[len(prefix):]: v for k, v in base.infos.items() if k.startswith(prefix)}
-        super().__init__(path=base.path, infos=infos, metadata=base.metadata)
+        super().__init__(path=base.path, infos=infos, metadata=base.metadata, prefix=base.prefix + prefix)
         self._base = base
         self._prefix = prefix
 
