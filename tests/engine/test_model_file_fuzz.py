@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from nodes.engine import loaders
+from nodes.engine import loaders, lora
 from nodes.engine.errors import ModelFileError
 from nodes.engine.loaders import Component
 
@@ -40,6 +40,8 @@ SLOTS = {
     "transformer": ("flux_bfl", "", lambda path, prefix: loaders.load_transformer(path, torch.float32)),
     "transformer comfy_quant": ("flux_fp8_comfyquant", "",
                                 lambda path, prefix: loaders.load_transformer(path, torch.float32)),
+    "projector": ("projector_comfy", "", lambda path, prefix: loaders.load_projector(path, torch.float32)),
+    "uso_lora": ("lora_comfy", "", lambda path, prefix: lora.load_uso_lora(path)),
     "checkpoint vae": ("checkpoint_aio", "vae.", lambda path, prefix: loaders.load_vae(Component(path, prefix))),
     "checkpoint t5": ("checkpoint_aio", "text_encoders.t5xxl.transformer.",
                       lambda path, prefix: loaders.load_t5(Component(path, prefix), torch.float32)),
