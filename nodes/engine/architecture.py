@@ -33,9 +33,9 @@ def _count(source: WeightSource, pattern: str) -> int:
         return 0
     missing = sorted(set(range(max(found) + 1)) - found)
     if missing:
-        raise ModelFileError(f"'{_name(source)}' numbers its blocks up to {max(found)} but has no block "
-                             f"{missing[0]} (keys like {pattern.replace(chr(92), '')}); the file is "
-                             "damaged or incomplete. Download it again.")
+        raise ModelFileError(f"'{_name(source)}' numbers its blocks up to {max(found)} but lacks "
+                             f"{len(missing)} of them (block {missing[0]} first); the file is damaged or "
+                             "incomplete. Download it again.")
     return max(found) + 1
 
 
@@ -83,8 +83,8 @@ def _fits(value, like) -> bool:
 
 def _merged(what: str, source: WeightSource, official_cfg: dict, stored: dict, derived: dict,
             only_known: bool = False) -> dict:
-    """The official config, then the stored one, with every stored value that the official config
-    types checked for its type and every size the shapes tell checked against them: a config that
+    """The official config updated by the stored one. A stored value must have the JSON type of the
+    official value it replaces, and a size the shapes tell (`derived`) must equal it: a config that
     disagrees with the tensors is refused here, before a model is built from it."""
     name = _name(source)
     cfg = dict(official_cfg)

@@ -40,7 +40,7 @@ class DequantizedSource(WeightSource):
         for key in self._scale_of:
             if key in infos:
                 infos[key] = type(infos[key])(infos[key].shape, torch.float32)
-        super().__init__(path=base.path, infos=infos, metadata=base.metadata)
+        super().__init__(path=base.path, infos=infos, metadata=base.metadata, prefix=base.prefix)
 
     def _check_formats(self) -> None:
         formats = set()

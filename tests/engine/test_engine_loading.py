@@ -537,3 +537,14 @@ def test_the_command_line_ends_a_bad_model_file_with_a_message_and_an_exit_code(
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "t5xxl_fp16.safetensors" in proc.stderr and "'num_layers' is 2000" in proc.stderr
+
+
+def test_a_part_of_a_scaled_fp8_checkpoint_keeps_its_prefix_keyed_config(tiny_models, tmp_path):
+    from nodes.engine.scaled_fp8 import DequantizedSource
+
+    by_prefix = {"vae.": tiny_models.vae_config, "model.diffusion_model.": tiny_models.flux_config}
+    path = _rewrite_header(tiny_models.paths["checkpoint_aio"], tmp_path / "flux1-dev-fp8.safetensors",
+                           _set_config(by_prefix))
+    vae_part = DequantizedSource(open_weights(path).with_prefix("vae."))
+    assert vae_part.config("vae") == tiny_models.vae_config
+    assert DequantizedSource(open_weights(path)).config("vae") is None  # the whole file is no one part
