@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from .errors import ModelFileError
-from .weight_files import WeightSource
+from .weight_source import WeightSource
 
 AIO_TRANSFORMER_PREFIX = "model.diffusion_model."
 AIO_PREFIXES = {
@@ -63,9 +63,11 @@ def classify(source: WeightSource) -> str:
     if has_prefix(source, "encoder.block.") and has_prefix(source, "encoder.final_layer_norm"):
         return "t5"
     if "decoder.conv_in.weight" in source:
-        latent = source.infos["decoder.conv_in.weight"].shape[1]
+        shape = source.infos["decoder.conv_in.weight"].shape
+        latent = shape[1] if len(shape) == 4 else 0
         if latent != 16:
-            return f"other:an autoencoder with {latent} latent channels (FLUX needs 16; an SD VAE?)"
+            return (f"other:an autoencoder with {latent} latent channels (FLUX needs 16; an SD VAE?)" if latent
+                    else "other:an autoencoder whose decoder.conv_in.weight is not a convolution (a damaged file)")
         if has_prefix(source, "decoder.up_blocks."):
             return "flux_ae_diffusers"
         return "flux_ae_bfl"

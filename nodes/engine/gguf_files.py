@@ -5,13 +5,12 @@ diffusers' GGUFLinear dequantises them layer by layer at run time.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from .errors import ModelFileError
-from .weight_files import TensorInfo, WeightSource
+from .weight_source import TensorInfo, WeightSource
 
 _PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16}
 
@@ -31,7 +30,11 @@ class GGUFSource(WeightSource):
         from diffusers.quantizers.gguf.utils import GGUFParameter
 
         t = self._tensors[key]
-        data = torch.from_numpy(t.data.copy())
+        try:
+            data = torch.from_numpy(t.data.copy())
+        except Exception as exc:  # numpy/gguf errors for data that does not fit its header
+            raise ModelFileError(f"{os.path.basename(self.path)}: its tensor {key} cannot be read ({exc}). "
+                                 "The file may be damaged; download it again.") from exc
         if t.tensor_type.name in _PLAIN_TYPES:
             return data
         return GGUFParameter(data, quant_type=t.tensor_type)
@@ -84,13 +87,7 @@ def open_gguf(path: str) -> WeightSource:
         raise ModelFileError(f"{name}: cannot be read as GGUF ({exc}). The file may be truncated; "
                              "download it again.") from exc
     _refuse_unsupported_quant_types(name, reader)
-    source = GGUFSource(path, reader)
-    if "config" in source.metadata:
-        try:
-            json.loads(source.metadata["config"])
-        except json.JSONDecodeError:
-            source.metadata.pop("config")
-    return source
+    return GGUFSource(path, reader)
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:

@@ -1,7 +1,9 @@
 """Build each model on the meta device and fill it from its file with `assign=True`.
 
 Tensors are read one at a time, converted and cast on the way, so peak RAM stays near one copy
-of the weights. Every loader accepts the layouts listed in the parity spec (§4).
+of the weights. Every loader accepts the layouts its model is published in: BFL single files,
+diffusers folders (one file or shards), ComfyUI all-in-one checkpoints, fp8 and scaled fp8, and GGUF
+(transformer only).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from .gguf_files import is_quantized
 from .projector import StyleProjector
 from .fp8 import FP8_DTYPES, fp8_storable, keep_scaled_fp8
 from .scaled_fp8 import DequantizedSource, dequantized
-from .weight_files import WeightSource, open_weights
+from .weight_files import open_weights
+from .weight_source import WeightSource
 
 @dataclass
 class Component:
@@ -67,6 +70,19 @@ def _materialize(model: nn.Module, state: dict[str, torch.Tensor], what: str, na
         raise ModelFileError(f"{what}: '{name}' left {len(leftover)} weights unset "
                              f"(e.g. {leftover[0]}).")
     return model.eval().requires_grad_(False)
+
+
+def _built(what: str, name: str, make) -> nn.Module:
+    """The model on the meta device. Its config comes from the file (checked against the shapes in
+    architecture.py); whatever the model's own constructor still refuses (diffusers and transformers
+    raise many kinds of errors for a bad value) is the file's fault, said so."""
+    try:
+        with torch.device("meta"):
+            return make()
+    except Exception as exc:
+        raise ModelFileError(f"{what}: '{name}' carries a `config` metadata entry its model cannot be "
+                             f"built from ({type(exc).__name__}: {exc}). Re-save the file without its config "
+                             "metadata, or download it again.") from exc
 
 
 def _fill_meta_buffers(model: nn.Module) -> None:
@@ -139,8 +155,7 @@ def load_transformer(path: str, compute_dtype: torch.dtype, fp8_storage: bool = 
     cfg = architecture.flux_config(source, layout, stored)
     hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
 
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**cfg)
+    model = _built("transformer", component.name, lambda: FluxTransformer2DModel(**cfg))
     linear_weights = {f"{n}.weight" for n, m in model.named_modules()
                       if isinstance(m, nn.Linear) and fp8_storable(n)}
 
@@ -238,8 +253,7 @@ def load_vae(component: Component, dtype: torch.dtype = torch.float32):
     kind = detect.require_kind(source, "vae", ("flux_ae_bfl", "flux_ae_diffusers"))
     layout = "bfl" if kind == "flux_ae_bfl" else "diffusers"
     cfg = architecture.vae_config(source, layout, source.config("vae"))
-    with torch.device("meta"):
-        model = AutoencoderKL(**cfg)
+    model = _built("vae", component.name, lambda: AutoencoderKL(**cfg))
     if layout == "bfl":
         n_up = convert.count_vae_up_blocks(source.keys())
         items = convert.converted_items(source, lambda k: [convert.vae_bfl_to_diffusers(k, n_up)])
@@ -261,8 +275,7 @@ def load_t5(component: Component, dtype: torch.dtype):
     detect.require_kind(source, "t5", ("t5",))
     cfg = architecture.t5_config(source, source.config("t5"))
     cfg.pop("model_type", None)
-    with torch.device("meta"):
-        model = T5EncoderModel(T5Config(**cfg))
+    model = _built("t5", component.name, lambda: T5EncoderModel(T5Config(**cfg)))
     model_keys = set(model.state_dict())
     state = {}
     for key in source.keys():
@@ -284,8 +297,7 @@ def load_clip(component: Component, dtype: torch.dtype):
     detect.require_kind(source, "clip_l", ("clip_l",))
     cfg = architecture.clip_config(source, source.config("clip_l"))
     cfg.pop("model_type", None)
-    with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig(**cfg))
+    model = _built("clip_l", component.name, lambda: CLIPTextModel(CLIPTextConfig(**cfg)))
     model_keys = set(model.state_dict())
     state = {}
     for key in source.keys():
@@ -316,8 +328,7 @@ def load_siglip(component: Component, dtype: torch.dtype = torch.float32):
                              "-20, -11 and -2 and needs the 27-layer SigLIP so400m.")
     cfg.pop("model_type", None)
     cfg.update(num_hidden_layers=full_layers - 1, vision_use_head=False)
-    with torch.device("meta"):
-        model = SiglipVisionModel(SiglipVisionConfig(**cfg))
+    model = _built("siglip", component.name, lambda: SiglipVisionModel(SiglipVisionConfig(**cfg)))
     _drop_post_layernorm(model)
     model_keys = set(model.state_dict())
     state = {}

@@ -13,7 +13,7 @@ import os
 import torch
 
 from .errors import ModelFileError
-from .weight_files import WeightSource
+from .weight_source import WeightSource
 
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 _DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
@@ -40,18 +40,20 @@ class DequantizedSource(WeightSource):
         for key in self._scale_of:
             if key in infos:
                 infos[key] = type(infos[key])(infos[key].shape, torch.float32)
-        super().__init__(path=base.path, infos=infos, metadata=base.metadata)
+        super().__init__(path=base.path, infos=infos, metadata=base.metadata, prefix=base.prefix)
 
     def _check_formats(self) -> None:
         formats = set()
         for key in self._base.keys():
             if key.endswith(".comfy_quant"):
-                formats.add(json.loads(bytes(self._base.get(key).tolist()).decode("utf-8"))
-                            .get("format"))
+                formats.add(_layer_format(self._base, key, _comfy_quant(self._base, key)))
         raw = self._base.metadata.get("_quantization_metadata")
         if raw:
-            for conf in json.loads(raw).get("layers", {}).values():
-                formats.add(conf.get("format"))
+            layers = _json_object(self._base, "_quantization_metadata", raw).get("layers", {})
+            if not isinstance(layers, dict):
+                raise _damaged(self._base, "_quantization_metadata", "its 'layers' is not an object")
+            for layer, conf in layers.items():
+                formats.add(_layer_format(self._base, f"_quantization_metadata layer {layer}", conf))
         unsupported = formats - {None, "float8_e4m3fn", "float8_e5m2"}
         if unsupported:
             raise ModelFileError(
@@ -84,6 +86,52 @@ class DequantizedSource(WeightSource):
 
     def close(self) -> None:
         self._base.close()
+
+
+#: A comfy_quant blob is a few dozen bytes of JSON; anything past this is not one.
+COMFY_QUANT_MAX_BYTES = 64 * 1024
+
+
+def _damaged(source: WeightSource, field: str, what: str) -> ModelFileError:
+    return ModelFileError(f"{os.path.basename(source.path)}: {field}: {what}. The file's quantisation "
+                          "data is damaged; download it again, or use a bf16, fp8 or GGUF version.")
+
+
+def _json_object(source: WeightSource, field: str, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise _damaged(source, field, "not JSON") from None
+    if not isinstance(value, dict):
+        raise _damaged(source, field, f"JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _comfy_quant(source: WeightSource, key: str) -> dict:
+    """The JSON object a `.comfy_quant` tensor holds as UTF-8 bytes, read without a Python list
+    and only up to COMFY_QUANT_MAX_BYTES (checked on the header, before the tensor is read)."""
+    info = source.infos[key]
+    if info.dtype not in (torch.uint8, torch.int8) or len(info.shape) != 1:
+        raise _damaged(source, key, f"a {info.dtype} tensor of shape {list(info.shape)}, where a "
+                                    "1-dimensional uint8 tensor of JSON text belongs")
+    if info.shape[0] > COMFY_QUANT_MAX_BYTES:
+        raise _damaged(source, key, f"{info.shape[0]} bytes, more than a comfy_quant entry "
+                                    f"holds ({COMFY_QUANT_MAX_BYTES})")
+    data = source.get(key).contiguous().view(torch.uint8).numpy().tobytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _damaged(source, key, "not UTF-8 text") from None
+    return _json_object(source, key, text)
+
+
+def _layer_format(source: WeightSource, field: str, conf) -> str | None:
+    if not isinstance(conf, dict):
+        raise _damaged(source, field, f"JSON {type(conf).__name__}, not an object")
+    fmt = conf.get("format")
+    if fmt is not None and not isinstance(fmt, str):
+        raise _damaged(source, field, "its 'format' is not text")
+    return fmt
 
 
 def dequantized(source: WeightSource) -> WeightSource:

@@ -136,20 +136,86 @@ def _bfl_parts(name: str, groups: dict, to_bfl, hidden: int, unknown: list[str])
     return parts
 
 
-def _peft_scale(metadata: dict) -> float | None:
+@dataclass(frozen=True)
+class PeftScales:
+    """The scales a PEFT LoRA config gives its modules: `lora_alpha / r`, where a module named by a
+    key of `rank_pattern` / `alpha_pattern` has that key's rank / alpha instead (`alpha / sqrt(r)`
+    with `use_rslora`). The first key that matches wins; a key matches a module when, read as a
+    regular expression, it matches the whole module name or a part of it that starts after a dot
+    (so `to_q`, `attn.to_q`, `transformer_blocks.0.attn.to_q` and `transformer_blocks\\.\\d+\\.attn\\.to_q`
+    all name `transformer_blocks.0.attn.to_q`), which is how PEFT reads them."""
+
+    r: float | None
+    lora_alpha: float
+    rank_pattern: tuple[tuple[str, float], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    rslora: bool = False
+
+    def scale(self, module: str, rank: int, file_name: str) -> float:
+        r = _first_match(self.rank_pattern, module, self.r if self.r is not None else rank)
+        alpha = _first_match(self.alpha_pattern, module, self.lora_alpha)
+        if r != rank:
+            raise ModelFileError(f"lora: '{file_name}': its lora_adapter_metadata gives {module} rank {r:g}, but "
+                                 f"its weights have rank {rank}; the metadata does not belong to these weights.")
+        return alpha / (rank ** 0.5 if self.rslora else rank)
+
+
+def _first_match(pattern: tuple[tuple[str, float], ...], module: str, default: float) -> float:
+    for key, value in pattern:
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
+            return value
+    return default
+
+
+#: PEFT's LoraConfig defaults, which diffusers' loader gets for what the metadata leaves out.
+_PEFT_DEFAULT_ALPHA = 8
+
+
+def peft_scales(name: str, metadata: dict) -> PeftScales | None:
+    """The PEFT config in the `lora_adapter_metadata` diffusers writes: keyed `transformer.<field>`
+    by `save_lora_weights`, or `<field>` by a model's `save_lora_adapter`. None where the file
+    carries no such config; a config that cannot be read is refused naming the field."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
+
+    def refuse(what: str) -> ModelFileError:
+        return ModelFileError(f"lora: '{name}': its lora_adapter_metadata {what}; the file's metadata is "
+                              "damaged. Re-save the LoRA, or remove that metadata entry.")
+
     try:
         meta = json.loads(raw)
-        if isinstance(meta, str):
+        if isinstance(meta, str):  # written JSON-encoded twice by some tools
             meta = json.loads(meta)
-        # diffusers' save_lora_weights prefixes each adapter's config with its component
-        alpha = meta.get("transformer.lora_alpha", meta.get("lora_alpha"))
-        rank = meta.get("transformer.r", meta.get("r"))
-        return float(alpha) / float(rank) if alpha and rank else None
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, RecursionError):
+        raise refuse("is not JSON") from None
+    if not isinstance(meta, dict):
+        raise refuse(f"is JSON {type(meta).__name__}, not an object")
+    prefixed = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+    config = prefixed or meta
+    if not any(k in config for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")):
         return None
+
+    def number(field: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise refuse(f"gives {field} = {json.dumps(value)[:60]}, not a positive number")
+        return float(value)
+
+    def pattern(field: str) -> tuple[tuple[str, float], ...]:
+        value = config.get(field) or {}
+        if not isinstance(value, dict):
+            raise refuse(f"gives {field} as {type(value).__name__}, not an object of module name: number")
+        for key in value:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise refuse(f"has the {field} key '{key}', which is not a regular expression ({exc})") from None
+        return tuple((key, number(f"{field}['{key}']", v)) for key, v in value.items())
+
+    r = number("r", config["r"]) if config.get("r") is not None else None
+    alpha = number("lora_alpha", config["lora_alpha"]) if config.get("lora_alpha") is not None else \
+        _PEFT_DEFAULT_ALPHA
+    return PeftScales(r, alpha, pattern("rank_pattern"), pattern("alpha_pattern"), config.get("use_rslora") is True)
 
 
 def read_user_lora(path: str, transformer: nn.Module, transformer_config: dict) -> UserLora:
@@ -199,12 +265,11 @@ def read_user_lora(path: str, transformer: nn.Module, transformer_config: dict) 
             raise ModelFileError(f"lora: '{name}' looks like an xlabs LoRA but diffusers cannot convert it "
                                  f"({exc}); the file is damaged or of another kind.") from None
         groups, odd = _group(converted, "transformer.")
-        parts = _diffusers_parts(name, groups, 1.0)
+        parts = _diffusers_parts(name, groups, None)
     else:
         groups, odd = _group({k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
                               for k, v in tensors.items()}, "transformer.")
-        scale = _peft_scale(source.metadata)
-        parts = _diffusers_parts(name, groups, scale)
+        parts = _diffusers_parts(name, groups, peft_scales(name, source.metadata))
     if unknown:
         ignored.append(f"{len(unknown)} parts on modules FLUX.1-dev does not have were ignored "
                        f"(e.g. {', '.join(unknown[:3])})")
@@ -218,12 +283,14 @@ def read_user_lora(path: str, transformer: nn.Module, transformer_config: dict) 
     return UserLora(name, file_identity(path), fmt, tuple(parts), tuple(ignored))
 
 
-def _diffusers_parts(name: str, groups: dict, file_scale: float | None) -> list[LoraPart]:
+def _diffusers_parts(name: str, groups: dict, scales: PeftScales | None) -> list[LoraPart]:
+    """Parts with an `.alpha` key keep it; the others take the file's PEFT config (per module), or
+    1.0 without one (diffusers' convention: alpha equals the rank)."""
     parts = []
     for module, group in sorted(groups.items()):
         down, up, scale = _pair(name, module, group)
-        if "alpha" not in group and file_scale is not None:
-            scale = file_scale
+        if "alpha" not in group and isinstance(scales, PeftScales):
+            scale = scales.scale(module, down.shape[0], name)
         parts.append(LoraPart(module, down, up, scale))
     return parts
 

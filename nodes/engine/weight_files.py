@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ModelFileError
+from .gguf_files import open_gguf
+from .weight_source import TensorInfo, WeightSource
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -21,77 +22,6 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-
-
-@dataclass
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: torch.dtype | str  # a torch dtype, or a GGUF quantisation name such as "Q8_0"
-
-
-@dataclass
-class WeightSource:
-    """The tensors of one weight file (or one sharded folder), read on demand."""
-
-    path: str
-    infos: dict[str, TensorInfo]
-    metadata: dict[str, str] = field(default_factory=dict)
-    _files: dict[str, str] = field(default_factory=dict)  # key -> file holding it
-    _handles: dict = field(default_factory=dict, repr=False)
-
-    def keys(self) -> list[str]:
-        return list(self.infos)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.infos
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self._files.get(key, self.path)
-        handle = self._handles.get(file)
-        if handle is None:
-            try:
-                handle = safe_open(file, framework="pt", device="cpu")
-            except Exception as exc:
-                raise ModelFileError(f"{os.path.basename(file)}: cannot be read ({exc}). "
-                                     "The file may be damaged; download it again.") from exc
-            self._handles[file] = handle
-        return handle.get_tensor(key)
-
-    def close(self) -> None:
-        self._handles.clear()
-
-    def with_prefix(self, prefix: str) -> "WeightSource":
-        """A view on the keys that start with `prefix`, with the prefix removed."""
-        return _PrefixedSource(self, prefix)
-
-    def config(self, component: str | None = None) -> dict | None:
-        """The architecture stored in the `config` metadata entry, if the file carries one."""
-        raw = self.metadata.get("config")
-        if not raw:
-            return None
-        try:
-            cfg = json.loads(raw)
-        except json.JSONDecodeError:
-            return None
-        if component is not None and isinstance(cfg, dict) and component in cfg:
-            return cfg[component]
-        return cfg
-
-
-class _PrefixedSource(WeightSource):
-    def __init__(self, base: WeightSource, prefix: str):
-        infos = {k[len(prefix):]: v for k, v in base.infos.items() if k.startswith(prefix)}
-        super().__init__(path=base.path, infos=infos, metadata=base.metadata)
-        self._base = base
-        self._prefix = prefix
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._base.get(self._prefix + key)
-
-    def close(self) -> None:
-        self._base.close()
 
 
 def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -111,7 +41,7 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             header = json.loads(f.read(header_len))
     except OSError as exc:
         raise ModelFileError(f"{name}: cannot be read ({exc.strerror or exc}).") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelFileError(f"{name}: this is not a safetensors file (its header is not JSON). "
                              "Pick a .safetensors weight file.") from exc
     not_safetensors = ModelFileError(f"{name}: this is not a safetensors file (its header does not list "
@@ -119,17 +49,26 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
     if not isinstance(header, dict):
         raise not_safetensors
     metadata = header.pop("__metadata__", None) or {}
+    # safetensors keeps text under text keys there (its own reader refuses anything else).
     if not isinstance(metadata, dict):
-        metadata = {}
+        raise ModelFileError(f"{name}: its metadata (__metadata__) is {type(metadata).__name__}, not a "
+                             "table of texts; the file is damaged or was not written by a safetensors "
+                             "writer. Download it again, or re-save it.")
+    for field_name, value in metadata.items():
+        if not isinstance(value, str):
+            raise ModelFileError(f"{name}: its metadata field '{field_name}' holds "
+                                 f"{type(value).__name__}, not text; the file is damaged or was not "
+                                 "written by a safetensors writer. Download it again, or re-save it.")
     infos: dict[str, TensorInfo] = {}
     data_end = 0
     for key, entry in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            end = int(entry["data_offsets"][1])
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise not_safetensors from None
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and _whole_numbers(entry.get("shape")) and _whole_numbers(entry.get("data_offsets"))
+                and len(entry["data_offsets"]) == 2 and entry["data_offsets"][0] <= entry["data_offsets"][1]):
+            raise not_safetensors
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
+        shape = tuple(entry["shape"])
+        end = entry["data_offsets"][1]
         infos[key] = TensorInfo(shape, dtype)
         data_end = max(data_end, end)
     if 8 + header_len + data_end > size:
@@ -138,6 +77,11 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
             f"{name}: the file is truncated ({missing_mb:.1f} MB missing; a half-finished "
             "download?). Download it again.")
     return infos, metadata
+
+
+def _whole_numbers(value) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                           for d in value)
 
 
 def open_weights(path: str) -> WeightSource:
@@ -153,8 +97,6 @@ def open_weights(path: str) -> WeightSource:
             f"{name}: pickle checkpoints ({os.path.splitext(name)[1]}) can run code when loaded and "
             "are not accepted. Use the .safetensors (or .gguf) version of this model.")
     if lower.endswith(".gguf"):
-        from .gguf_files import open_gguf
-
         return open_gguf(path)
     infos, metadata = read_safetensors_header(path)
     return WeightSource(path=path, infos=infos, metadata=metadata)
@@ -180,20 +122,10 @@ def _open_folder(path: str) -> WeightSource:
             owners[k] = full
     config_path = os.path.join(path, "config.json")
     if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            metadata.setdefault("config", f.read())
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                metadata.setdefault("config", f.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelFileError(f"{config_path}: cannot be read as text ({exc}). Download the "
+                                 "folder's config.json again.") from exc
     return WeightSource(path=path, infos=infos, metadata=metadata, _files=owners)
-
-
-class StateDictSource(WeightSource):
-    """A WeightSource over tensors already in memory (random full-size models, tests)."""
-
-    def __init__(self, name: str, tensors: dict[str, torch.Tensor], config: dict | None = None):
-        infos = {k: TensorInfo(tuple(getattr(v, "quant_shape", v.shape)), v.dtype)
-                 for k, v in tensors.items()}
-        metadata = {"config": json.dumps(config)} if config is not None else {}
-        super().__init__(path=name, infos=infos, metadata=metadata)
-        self._tensors = tensors
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]

@@ -1,9 +1,10 @@
 """Soak: 200 consecutive generations through the nodes on the tiny models, with changing prompts,
 seeds, sizes, batch sizes and style / subject images. Resident memory must not grow beyond a
-bound after warm-up, and repeated inputs must give identical images (issue 8).
+bound after warm-up, and repeated inputs must give identical images.
 
-`USO_SOAK_RUNS` changes the number of runs (e.g. 2000 for a long local soak). Run with `-s` for
-the figures.
+Marked slow: the plain `pytest` run leaves it out and CI runs it as a step of its own
+(`pytest -q -m slow`). `USO_SOAK_RUNS` changes the number of runs (e.g. 2000 for a long local
+soak). Run with `-s` for the figures.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_soak_200_generations_memory_bounded_and_deterministic(comfy_folders):
     pipeline_cache.clear()
     model = load()

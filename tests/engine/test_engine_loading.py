@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import tiny_models
-from nodes.engine import ModelFileError, TokenizerNotFoundError, architecture, loaders, lora
+from nodes.engine import ModelFileError, TokenizerNotFoundError, architecture, loaders, lora, scaled_fp8
 from nodes.engine.gguf_files import is_quantized
 from nodes.engine.loaders import Component
-from nodes.engine.weight_files import StateDictSource, open_weights
+from nodes.engine.weight_files import open_weights
+from nodes.engine.weight_source import StateDictSource
 
 
 def dequantize(tensor: torch.Tensor) -> torch.Tensor:
@@ -391,3 +395,156 @@ def test_a_tokenizer_from_another_model_is_refused_at_load_time(tiny_models, tmp
                        tokenizer_dir=str(tmp_path))
     with pytest.raises(ModelFileError, match="t5: its tokenizer knows 5001 tokens.*belongs to another model"):
         USOPipeline.from_files(files, EngineOptions(precision="fp32", device="cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata of every shape: read, or refused naming the file and the field
+# ---------------------------------------------------------------------------------------------
+
+def _rewrite_header(src, dst, edit) -> str:
+    """A copy of a safetensors file whose JSON header went through `edit(header)` (raw JSON, so
+    values the safetensors writer would not allow can be written)."""
+    raw = open(src, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.setdefault("__metadata__", {})
+    edit(header)
+    text = json.dumps(header).encode()
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    return str(dst)
+
+
+def _set_config(config):
+    def edit(header):
+        header["__metadata__"]["config"] = json.dumps(config)
+    return edit
+
+
+def test_a_checkpoint_with_its_config_keyed_by_prefix_loads_each_part_with_its_config(tiny_models, tmp_path):
+    tm = tiny_models
+    by_prefix = {"model.diffusion_model.": tm.flux_config, "vae.": tm.vae_config,
+                 "text_encoders.clip_l.transformer.": tm.clip_config, "text_encoders.t5xxl.transformer.": tm.t5_config}
+    path = _rewrite_header(tm.paths["checkpoint_aio"], tmp_path / "flux1-dev-fp8.safetensors", _set_config(by_prefix))
+    original = str(tm.paths["checkpoint_aio"])
+    transformer, cfg = loaders.load_transformer(path, torch.float32)
+    assert cfg["axes_dims_rope"] == tuple(tm.flux_config["axes_dims_rope"])
+    assert _weights(transformer).keys() == _weights(loaders.load_transformer(original, torch.float32)[0]).keys()
+    for prefix, load in (("vae.", lambda c: loaders.load_vae(c)),
+                         ("text_encoders.clip_l.transformer.", lambda c: loaders.load_clip(c, torch.float32)),
+                         ("text_encoders.t5xxl.transformer.", lambda c: loaders.load_t5(c, torch.float32))):
+        model, truth = load(Component(path, prefix)), load(Component(original, prefix))
+        assert all(torch.equal(a, b) for a, b in zip(_weights(model).values(), _weights(truth).values()))
+        assert dict(model.config) == dict(truth.config) if prefix == "vae." else \
+            model.config.to_dict() == truth.config.to_dict()
+    # What only the stored config can say (shapes alone give 1 CLIP head and 32 VAE norm groups):
+    clip = loaders.load_clip(Component(path, "text_encoders.clip_l.transformer."), torch.float32)
+    assert clip.config.num_attention_heads == tm.clip_config["num_attention_heads"] == 4
+    assert loaders.load_vae(Component(path, "vae.")).config.norm_num_groups == tm.vae_config["norm_num_groups"] == 4
+
+
+def test_a_t5_config_claiming_2000_layers_is_refused_before_a_model_is_built(tiny_models, tmp_path, monkeypatch):
+    config = {**tiny_models.t5_config, "num_layers": 2000}
+    path = _rewrite_header(tiny_models.paths["t5_fp16"], tmp_path / "t5xxl_fp16.safetensors", _set_config(config))
+    built = []
+    monkeypatch.setattr(loaders, "_built", lambda *args: built.append(args))
+    with pytest.raises(ModelFileError, match=r"t5: 't5xxl_fp16.safetensors' .*'num_layers' is 2000, but its "
+                                             r"tensors say 2"):
+        loaders.load_t5(Component(path), torch.float32)
+    assert built == []
+
+
+def test_a_config_that_is_not_a_json_object_falls_back_to_the_shapes(tiny_models, tmp_path):
+    truth = _weights(loaders.load_t5(Component(str(tiny_models.paths["t5_fp16"])), torch.float32))
+    for i, config in enumerate(([1, 2], 7, "text", None)):
+        path = _rewrite_header(tiny_models.paths["t5_fp16"], tmp_path / f"t5_{i}.safetensors", _set_config(config))
+        model = loaders.load_t5(Component(path), torch.float32)
+        assert _weights(model).keys() == truth.keys()
+        assert all(torch.equal(a, truth[k]) for k, a in _weights(model).items())
+
+
+ODD_METADATA = [
+    # (file, how the header changes, words the message must hold)
+    ("t5_fp16", lambda h: h["__metadata__"].update(config=5), ["metadata field 'config'", "int, not text"]),
+    ("t5_fp16", lambda h: h.update(__metadata__=["config"]), ["metadata (__metadata__) is list"]),
+    ("clip_l", lambda h: h["__metadata__"].update(config=json.dumps({**json.loads(h["__metadata__"]["config"]),
+                                                                       "num_attention_heads": None})),
+     ["clip_l: 'clip_l.safetensors'", "'num_attention_heads' is null"]),
+    ("t5_fp16", lambda h: h["__metadata__"].update(config=json.dumps({**json.loads(h["__metadata__"]["config"]),
+                                                                       "d_model": "48"})),
+     ["'d_model' is \"48\" (text) where a number"]),
+    ("flux_fp8_comfyquant", lambda h: h["__metadata__"].update(_quantization_metadata=json.dumps([1, 2])),
+     ["_quantization_metadata: JSON list, not an object"]),
+    ("flux_fp8_comfyquant", lambda h: h["__metadata__"].update(
+        _quantization_metadata=json.dumps({"layers": {"img_in": ["float8_e4m3fn"]}})),
+     ["_quantization_metadata layer img_in: JSON list, not an object"]),
+]
+
+
+@pytest.mark.parametrize("key,edit,words", ODD_METADATA)
+def test_odd_metadata_is_refused_naming_the_file_and_the_field(tiny_models, tmp_path, key, edit, words):
+    name = os.path.basename(tiny_models.paths[key])
+    path = _rewrite_header(tiny_models.paths[key], tmp_path / name, edit)
+    with pytest.raises(ModelFileError) as err:
+        _load_slot({"t5_fp16": "t5", "clip_l": "clip_l"}.get(key, "transformer"), path)
+    assert name in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def _with_comfy_quant_data(tiny_models, tmp_path, data_for) -> str:
+    """The comfy_quant transformer with one `.comfy_quant` blob's bytes replaced (same length) or the
+    blob's header entry grown to `size` bytes of zeros appended to the file."""
+    src = tiny_models.paths["flux_fp8_comfyquant"]
+    raw = open(src, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, body = json.loads(raw[8:8 + n]), bytearray(raw[8 + n:])
+    key = sorted(k for k in header if k.endswith(".comfy_quant"))[0]
+    start, end = header[key]["data_offsets"]
+    blob = data_for(bytes(body[start:end]))
+    if len(blob) == end - start:
+        body[start:end] = blob
+    else:
+        header[key] = {"dtype": "U8", "shape": [len(blob)], "data_offsets": [len(body), len(body) + len(blob)]}
+        body += blob
+    text = json.dumps(header).encode()
+    dst = tmp_path / "flux1-dev-fp8-comfyquant.safetensors"
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + bytes(body))
+    return str(dst)
+
+
+def test_comfy_quant_blobs_that_are_not_utf8_json_or_too_large_are_refused_by_name(tiny_models, tmp_path):
+    not_utf8 = _with_comfy_quant_data(tiny_models, tmp_path, lambda blob: b"\xff" * len(blob))
+    with pytest.raises(ModelFileError, match=r"flux1-dev-fp8-comfyquant.safetensors: .*\.comfy_quant: not UTF-8 text"):
+        loaders.load_transformer(not_utf8, torch.float32)
+    huge = _with_comfy_quant_data(tiny_models, tmp_path, lambda blob: b" " * (scaled_fp8.COMFY_QUANT_MAX_BYTES + 1))
+    with pytest.raises(ModelFileError, match=r"\.comfy_quant: 65537 bytes, more than a comfy_quant entry holds"):
+        loaders.load_transformer(huge, torch.float32)
+
+
+def test_the_command_line_ends_a_bad_model_file_with_a_message_and_an_exit_code(tiny_models, tmp_path):
+    p = tiny_models.paths
+    bad_t5 = _rewrite_header(p["t5_fp16"], tmp_path / "t5xxl_fp16.safetensors",
+                             _set_config({**tiny_models.t5_config, "num_layers": 2000}))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodes.cli", "--transformer", str(p["flux_bfl"]), "--vae", str(p["ae"]),
+         "--t5", bad_t5, "--clip-l", str(p["clip_l"]), "--siglip", str(p["siglip_file"]),
+         "--uso-lora", str(p["lora_comfy"]), "--projector", str(p["projector_comfy"]),
+         "--tokenizers", str(p["tokenizer_t5"].parent), "--prompt", "a cat", "--width", "32", "--height", "32",
+         "--steps", "1", "--out", str(tmp_path / "out")],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "t5xxl_fp16.safetensors" in proc.stderr and "'num_layers' is 2000" in proc.stderr
+
+
+def test_a_part_of_a_scaled_fp8_checkpoint_keeps_its_prefix_keyed_config(tiny_models, tmp_path):
+    from nodes.engine.scaled_fp8 import DequantizedSource
+
+    by_prefix = {"vae.": tiny_models.vae_config, "model.diffusion_model.": tiny_models.flux_config}
+    path = _rewrite_header(tiny_models.paths["checkpoint_aio"], tmp_path / "flux1-dev-fp8.safetensors",
+                           _set_config(by_prefix))
+    vae_part = DequantizedSource(open_weights(path).with_prefix("vae."))
+    assert vae_part.config("vae") == tiny_models.vae_config
+    assert DequantizedSource(open_weights(path)).config("vae") is None  # the whole file is no one part

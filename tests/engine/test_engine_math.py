@@ -1,4 +1,4 @@
-"""Golden values from the parity spec: schedule, id grids, packing, subject/style preprocessing."""
+"""Golden values of the USO reference: schedule, id grids, packing, subject/style preprocessing."""
 from __future__ import annotations
 
 import pytest
@@ -53,7 +53,7 @@ def test_subject_ids_follow_each_subjects_own_size():
 
 
 def test_token_counts_of_the_spec_case_scaled_down():
-    # Spec §1.7 at 1/16 of the size: 64x64 output, 32x32 subject, two styles of 24 tokens (tiny
+    # The reference's 1024x1024 case at 1/16 of the size: 64x64 output, 32x32 subject, two styles of 24 tokens (tiny
     # projector: 3 x 8), T5 512.
     noise = torch.zeros(1, 16, 8, 8)
     packed = positions.pack(noise)

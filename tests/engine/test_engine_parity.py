@@ -1,4 +1,4 @@
-"""The engine against an independent implementation of the reference math (tests/reference_math.py,
+"""The engine against an independent implementation of the reference math (tests/helpers/reference_math.py,
 written from the spec and checked bit-identical to bytedance/USO): same tensors in, same latents out.
 """
 from __future__ import annotations

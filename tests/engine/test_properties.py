@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) over sizes, batch counts and image shapes: subject
-preprocessing, the UnoPE id grids, packing, the output size rules and IMAGE -> PIL conversion
-(issue 8). Each property is checked against the independent reference (tests/reference_math.py)
+preprocessing, the UnoPE id grids, packing, the output size rules and IMAGE -> PIL conversion.
+Each property is checked against the independent reference (tests/helpers/reference_math.py)
 where one exists."""
 from __future__ import annotations
 

@@ -323,3 +323,94 @@ def test_lora_spec_file_and_strength(spec, expected):
 def teardown_module():
     if MEASURED:
         print("\n[user LoRA measurements]", json.dumps(MEASURED, indent=1, default=str))
+
+
+# -- PEFT per-module ranks and alphas (rank_pattern / alpha_pattern), against diffusers' own loader --
+
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_out", "proj_mlp", "ff.net.2"]
+#: Each form of pattern key PEFT accepts and writes back as given: (rank_pattern, alpha_pattern, use_rslora).
+PEFT_PATTERNS = {
+    "exact names": ({"transformer_blocks.0.attn.to_k": 2, "single_transformer_blocks.1.proj_out": 6},
+                    {"transformer_blocks.1.attn.to_q": 3, "single_transformer_blocks.0.proj_mlp": 12}, False),
+    "name endings": ({"to_k": 2, "ff.net.2": 6}, {"attn.to_v": 5, "proj_mlp": 2}, False),
+    "regular expressions": ({r"single_transformer_blocks\.\d+\.proj_out": 6, r"transformer_blocks\.[01]\.attn\.to_(k|v)": 2},
+                            {r".*\.ff\.net\.2": 16, r"transformer_blocks\.1\..*": 1}, False),
+    "first key wins": ({"to_k": 2, r"transformer_blocks\.0\.attn\.to_k": 6}, {"attn.to_q": 3, "to_q": 32}, False),
+    "rslora": ({"to_k": 2}, {"proj_out": 3}, True),
+}
+
+
+def _peft_lora_file(base, cfg, patterns, writer: str, out_dir) -> str:
+    """A LoRA written by diffusers from a PEFT adapter with per-module ranks and alphas:
+    `save_lora_weights` (metadata keyed `transformer.<field>`) or `save_lora_adapter` (unprefixed)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    rank_pattern, alpha_pattern, rslora = patterns
+    model = FluxTransformer2DModel(**cfg)
+    model.load_state_dict(base.state_dict())
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS, rank_pattern=rank_pattern,
+                                 alpha_pattern=alpha_pattern, use_rslora=rslora))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    if writer == "pipeline":
+        FluxPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=get_peft_model_state_dict(model),
+                                       transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+                                       weight_name="peft_lora.safetensors")
+    else:
+        model.save_lora_adapter(str(out_dir), weight_name="peft_lora.safetensors")
+    return str(out_dir / "peft_lora.safetensors")
+
+
+@pytest.mark.parametrize("writer", ["pipeline", "model"])
+@pytest.mark.parametrize("form", sorted(PEFT_PATTERNS))
+def test_peft_rank_and_alpha_patterns_equal_diffusers_own_loader(tiny_models, tmp_path, form, writer):
+    pytest.importorskip("peft")
+    from diffusers import FluxTransformer2DModel
+
+    base, cfg = loaders.load_transformer(str(tiny_models.paths["flux_bfl"]), torch.float32)
+    path = _peft_lora_file(base, cfg, PEFT_PATTERNS[form], writer, tmp_path)
+    reference = FluxTransformer2DModel(**cfg)
+    reference.load_state_dict(base.state_dict())
+    reference.load_lora_adapter(str(tmp_path), weight_name="peft_lora.safetensors",
+                                prefix="transformer" if writer == "pipeline" else None, adapter_name="peft")
+    peft_scales = {n: m.scaling["peft"] for n, m in reference.named_modules() if hasattr(m, "scaling")}
+    reference.fuse_lora(lora_scale=1.0)
+    reference.unload_lora()
+
+    ours = FluxTransformer2DModel(**cfg)
+    ours.load_state_dict(base.state_dict())
+    loaded = user_lora.read_user_lora(path, ours, cfg)
+    lora.set_user_loras(ours, (loaded.identity, 1.0), [(p, p.scale) for p in loaded.parts], True,
+                        torch.device("cpu"), torch.float32)
+    # The patterns give these modules scales of their own (otherwise the test would not tell).
+    assert len(set(peft_scales.values())) >= 3
+    assert {p.module: p.scale for p in loaded.parts} == pytest.approx(peft_scales, rel=1e-12)
+    want, have, plain = reference.state_dict(), ours.state_dict(), base.state_dict()
+    assert want.keys() == have.keys()
+    assert max((want[k] - have[k]).abs().max().item() for k in want) <= 1e-6
+    assert sum(not torch.equal(want[k], plain[k]) for k in want) == len(peft_scales)
+
+
+@pytest.mark.parametrize("meta,words", [
+    ('{"transformer.r": 4, "transformer.rank_pattern": [1, 2]}', "gives rank_pattern as list"),
+    ('{"r": 4, "alpha_pattern": {"to_(q": 2}}', "alpha_pattern key 'to_(q', which is not a regular expression"),
+    ('{"r": 4, "lora_alpha": "eight"}', 'lora_alpha = "eight", not a positive number'),
+    ('{"r": 4, "rank_pattern": {"to_q": 3}}', "attn.to_q rank 3, but its weights have rank 4"),
+    ('[4, 8]', "is JSON list, not an object"),
+])
+def test_an_unreadable_peft_config_is_refused_naming_the_field(tiny_models, tmp_path, meta, words):
+    from safetensors import safe_open
+
+    base, cfg = loaders.load_transformer(str(tiny_models.paths["flux_bfl"]), torch.float32)
+    with safe_open(str(tiny_models.paths["user_lora_diffusers"]), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path / "my_flux_lora_diffusers.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": meta})
+    with pytest.raises(ModelFileError) as err:
+        user_lora.read_user_lora(str(path), base, cfg)
+    assert "'my_flux_lora_diffusers.safetensors'" in str(err.value) and words in str(err.value)

@@ -1,6 +1,6 @@
 """Fake fal queue (`fal-ai/uso`) and AIML (`bytedance/uso`) servers for the remote node's tests.
 
-They follow ../shared/specs/remote_api.md: fal's submit / status / result / cancel with both error
+They follow the providers' documented HTTP APIs: fal's submit / status / result / cancel with both error
 body shapes and a failed job that still reports COMPLETED; AIML's one blocking POST with its
 {message, statusCode, ...} errors. Each server listens on 127.0.0.1 (port 0), runs in daemon
 threads, records every request, and stops itself after `max_lifetime_s` even if a test forgets.

@@ -1,7 +1,8 @@
 """Independent re-statement of the USO reference math (test-only yardstick).
 
-Written from /work/shared/specs/uso_math.md (sections 1.2-1.7 and 2.2) with the
-exact numeric semantics (op order, dtypes) of the bytedance/USO reference.  It
+Written from the bytedance/USO reference implementation (its FLUX sampling, position ids,
+packing, subject/style preprocessing and style projector) with the same numeric semantics
+(op order, dtypes).  It
 imports nothing from the pack and nothing from diffusers, so the engine's output
 can be measured against it.
 

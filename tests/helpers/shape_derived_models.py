@@ -1,5 +1,5 @@
 """A tiny USO model set whose architecture the loaders can derive from tensor shapes alone, written
-twice with the same weights: with `config` metadata (as every file of tiny_models.py) and without
+twice with the same weights: with `config` metadata (as every file of tests/helpers/tiny_models.py) and without
 (as the real FLUX / T5 / CLIP / SigLIP / AE / USO files are). Loading the second takes the
 shape-derivation path of `nodes/engine/architecture.py` end to end.
 

@@ -1,11 +1,13 @@
 """Tiny random-weight USO / FLUX stand-ins, written in the real file layouts.
 
 Every test of the pack uses this factory (through the ``tiny_models`` fixture of
-``tests/conftest.py``); non-pytest code (a benchmark, a command line ``--tiny`` mode) calls
-:func:`build_tiny_models` directly.
+``tests/conftest.py``); other test-side code calls :func:`build_tiny_models` directly. (The
+command line's ``--tiny`` mode does not use it: it builds its models with
+``nodes.engine.random_models``.)
 
-It is deliberately an *independent writer* of the formats listed in
-``shared/specs/uso_math.md`` §4: it imports nothing from the pack (``nodes/...``) and carries its
+It is deliberately an *independent writer* of the file layouts the loaders accept (BFL single
+file, diffusers folders and shards, ComfyUI all-in-one checkpoint, fp8, scaled fp8, GGUF, and the
+text/vision encoders' own layouts): it imports nothing from the pack (``nodes/...``) and carries its
 own small diffusers -> BFL / LDM key converters (generic in sizes, unlike diffusers' own converters
 which hard-code FLUX's 3072 width).  A loader bug in the pack therefore shows up as a mismatch
 against the in-memory truth kept here.
@@ -1050,7 +1052,7 @@ def _build(root: Path, models: Path) -> TinyModels:
     )
 
 
-if __name__ == "__main__":  # quick manual run: python tests/tiny_models.py [root]
+if __name__ == "__main__":  # quick manual run: python tests/helpers/tiny_models.py [root]
     import sys
     import tempfile
 

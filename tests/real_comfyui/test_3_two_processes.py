@@ -1,4 +1,4 @@
-"""ComfyUI at scale (issue 15): a farm runs many ComfyUI processes behind a queue; an API workflow
+"""ComfyUI at scale: a farm runs many ComfyUI processes behind a queue; an API workflow
 with a fixed seed must give the same image whichever process runs it."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Facts from the USO spec (/work/shared/specs/uso_math.md) checked on tests/reference_math.py.
+"""Facts of the USO reference math checked on tests/helpers/reference_math.py.
 
 Independent of the pack: nothing from nodes/ and nothing from diffusers is imported.
 """

@@ -1,5 +1,5 @@
 """Parity bridge: diffusers' FluxTransformer2DModel, driven the way the engine drives it,
-against the independent reference math in tests/reference_math.py (BFL layout).
+against the independent reference math in tests/helpers/reference_math.py (BFL layout).
 
 A tiny random diffusers model is converted to BFL keys by a small converter written
 here (spec section 2.2 inverted).  Style tokens are injected with a forward hook on

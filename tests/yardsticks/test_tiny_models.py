@@ -1,4 +1,4 @@
-"""Checks that tests/tiny_models.py writes the file layouts it claims to write.
+"""Checks that tests/helpers/tiny_models.py writes the file layouts it claims to write.
 
 Independent of the pack (nothing from nodes/).  Where diffusers/transformers have their own
 readers or converters for a layout, they are used as independent witnesses.
@@ -97,7 +97,7 @@ def bfl_to_diffusers(bfl: dict, hidden: int) -> dict:
 
 
 def fused_lora_state(base: dict, lora: dict, hidden: int, scale: float = 1.0) -> dict:
-    """Fold the USO LoRA into a diffusers state dict (own mapping, spec §2.3)."""
+    """Fold the USO LoRA into a diffusers state dict (own mapping of the reference's LoRA key names)."""
     sd = {k: v.clone() for k, v in base.items()}
     for key in lora:
         if not key.endswith(".down.weight"):
