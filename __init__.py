@@ -11,4 +11,8 @@ if __package__:
     # loaded the V1 way instead, and its comfy_entrypoint ignored).
     from .nodes.comfyui import comfy_entrypoint
 
-    __all__ = ["comfy_entrypoint"]
+    # Served at /extensions/<pack folder>/: the node help pages (docs/<node id>.md) and js/, which
+    # the frontend loads (the remote node's fresh seed control starts at "fixed").
+    WEB_DIRECTORY = "./web"
+
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
