@@ -360,9 +360,11 @@ def test_the_image_conversion_memory_stays_small_for_a_huge_image():
     import sys
     import textwrap
 
-    code = textwrap.dedent("""
+    import comfy_api_source
+
+    code = textwrap.dedent(f"""
         import sys, threading, time, torch
-        sys.path.insert(0, ".")
+        sys.path[:0] = [".", r"{comfy_api_source.source_dir()}"]  # the pack; ComfyUI's comfy_api
         from nodes.comfyui.image_convert import image_batch_to_pils
 
         def rss():
