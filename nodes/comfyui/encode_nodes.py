@@ -87,7 +87,8 @@ class USOEncodeSubject(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, long_side):
         # The one input checked here: ComfyUI reports the message under each argument of this method.
-        return LONG_SIDE.problem(long_side) or True
+        # A linked value arrives as None (known at run time, where the engine checks it).
+        return long_side is None or LONG_SIDE.problem(long_side) or True
 
     @classmethod
     def execute(cls, uso_model, image, long_side=512, posterior="mean", sample_seed=0,

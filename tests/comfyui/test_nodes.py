@@ -191,6 +191,7 @@ def test_validation_reports_each_problem_once_under_its_input(comfy_folders):
     errors = wr.validation_errors(subject, dict(long_side=500, posterior="mean", sample_seed=0))
     assert [e["input_name"] for e in errors] == ["long_side"]
     assert "long_side: 500 is not a multiple of 16" in errors[0]["details"]
+    assert subject.validate_inputs(long_side=None) is True  # linked: ComfyUI passes None, checked at run time
 
 
 def test_run_time_checks_for_linked_values(model):
