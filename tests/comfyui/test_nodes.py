@@ -1,4 +1,4 @@
-"""The local nodes called as ComfyUI calls them: INPUT_TYPES -> VALIDATE_INPUTS -> FUNCTION."""
+"""The local nodes called as ComfyUI calls them: schema -> validate_inputs -> execute (V3, on a locked class clone)."""
 from __future__ import annotations
 
 import pytest
