@@ -7,6 +7,12 @@ pack is imported relatively.
 # folder's name is not a Python identifier, as with the install name `comfyui-uso`: there is no
 # ComfyUI to register nodes with then, and a relative import would fail every test at setup.
 if __package__:
-    from .nodes.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    # ComfyUI V3 nodes, registered through the extension (a module with NODE_CLASS_MAPPINGS would be
+    # loaded the V1 way instead, and its comfy_entrypoint ignored).
+    from .nodes.comfyui import comfy_entrypoint
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    # Served at /extensions/<pack folder>/: the node help pages (docs/<node id>.md) and js/, which
+    # the frontend loads (the remote node's fresh seed control starts at "fixed").
+    WEB_DIRECTORY = "./web"
+
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -20,6 +20,11 @@ for _path in (str(_HERE.parent), str(_HERE / "helpers")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+# The nodes are ComfyUI V3 nodes: ComfyUI 0.8.0's comfy_api (only that) from ../shared/vendor.
+from comfy_api_source import source_dir as _comfy_api_source  # noqa: E402
+
+sys.path.append(str(_comfy_api_source()))
+
 
 _REAL_COMFYUI = _HERE / "real_comfyui"
 

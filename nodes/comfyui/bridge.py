@@ -1,9 +1,9 @@
 """The one place that talks to ComfyUI.
 
+The node classes are ComfyUI V3 nodes built on `io` and `ComfyExtension` re-exported from here.
 Inside ComfyUI this module uses folder_paths, comfy.model_management (our models are ComfyUI
-models: `USOModelPatcher`), comfy.utils.ProgressBar and the server's progress text. Outside ComfyUI
-(tests, command line) every function falls back to plain behaviour, so the node classes stay
-importable and callable anywhere. tests/real_comfyui runs the ComfyUI side against ComfyUI's own
+models: `USOModelPatcher`), comfy.utils.ProgressBar and the server's progress text. Outside a running
+ComfyUI (tests, with ComfyUI's comfy_api only) every function falls back to plain behaviour. tests/real_comfyui runs the ComfyUI side against ComfyUI's own
 modules and in a real server.
 """
 from __future__ import annotations
@@ -29,6 +29,13 @@ except ImportError:  # ComfyUI is absent
     _mm = None
     _model_patcher = None
     _comfy_utils = None
+
+try:
+    # ComfyUI's V3 node schema, from a versioned module: `comfy_api.latest` changes between releases.
+    from comfy_api.v0_0_2 import ComfyExtension, io
+except ImportError as _missing:
+    raise ImportError("The USO nodes need ComfyUI 0.8.0 or newer (comfy_api.v0_0_2 is missing): "
+                      "update ComfyUI.") from _missing
 
 try:
     from server import PromptServer as _PromptServer

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 
 from . import bridge, pipeline_cache, requirements
+from .bridge import io
+from .sockets import USOModel, unique_id
 from ..engine import EngineOptions, InputError, ModelFiles, USOError
 from ..engine.memory import ENCODER_PLACEMENTS, MEMORY_MODES, PRECISIONS
 from ..engine.speed import ATTENTION_CHOICES, STEP_CACHE_MAX, check_step_cache
@@ -39,9 +41,21 @@ def _hf_folders(folder: str) -> list[str]:
     return found
 
 
-def _combo(choices: list[str], slot: str, tooltip: str):
-    default = pick_default(slot, choices) or (choices[0] if choices else "")
-    return (choices, {"default": default, "tooltip": tooltip})
+def default_choices() -> dict[str, tuple[list[str], str]]:
+    """{slot: (choices, default)} for the file inputs of a fresh node. With an all-in-one checkpoint
+    or a diffusers folder as the default transformer, vae / t5 / clip_l default to '(from
+    checkpoint)' (its own parts, all three alike); with a bare transformer, to their own files."""
+    transformers = transformer_choices()
+    transformer = pick_default("transformer", transformers) or (transformers[0] if transformers else "")
+    bundled = bool(transformer) and parse_choice("transformer", transformer)[0] != "diffusion_models"
+    out = {"transformer": (transformers, transformer)}
+    for slot in ("vae", "t5", "clip_l", "siglip", "uso_lora", "projector"):
+        choices = slot_choices(slot)
+        if bundled and slot in EMBEDDED_SLOTS:
+            out[slot] = (choices, FROM_CHECKPOINT)
+        else:
+            out[slot] = (choices, pick_default(slot, choices) or (choices[0] if choices else ""))
+    return out
 
 
 def resolve(slot: str, label: str) -> str | None:
@@ -55,74 +69,68 @@ def resolve(slot: str, label: str) -> str | None:
         raise USOError(f"{slot}: {exc}") from None
 
 
-class USOLoadModels:
-    NODE_ID = "USOLoadModels"
-    DISPLAY_NAME = "USO Load Models"
-    CATEGORY = "USO"
-    FUNCTION = "load"
-    RETURN_TYPES = ("USO_MODEL",)
-    RETURN_NAMES = ("uso_model",)
-    OUTPUT_TOOLTIPS = ("FLUX.1-dev + the USO LoRA + SigLIP + the style projector, ready for the USO nodes.",)
-    DESCRIPTION = ("Loads FLUX.1-dev with the USO LoRA, the SigLIP style encoder and the USO projector from "
-                   "ComfyUI's model folders (the files ComfyUI's own USO template uses work). With an all-in-one "
-                   "checkpoint or a diffusers folder as transformer, vae / t5 / clip_l can be '(from checkpoint)'.")
-
+class USOLoadModels(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         embedded = " '(from checkpoint)' takes it from an all-in-one checkpoint or a diffusers folder."
-        return {
-            "required": {
-                "transformer": _combo(transformer_choices(), "transformer",
-                                      "FLUX.1-dev: diffusion_models (bf16, fp8, scaled fp8, GGUF), checkpoints "
-                                      "(ComfyUI all-in-one, e.g. flux1-dev-fp8.safetensors) or diffusers folders."),
-                "vae": _combo(slot_choices("vae"), "vae", "The FLUX autoencoder (ae.safetensors)." + embedded),
-                "t5": _combo(slot_choices("t5"), "t5", "T5-XXL text encoder (fp16, fp8 or scaled fp8)." + embedded),
-                "clip_l": _combo(slot_choices("clip_l"), "clip_l", "CLIP-L text encoder." + embedded),
-                "siglip": _combo(slot_choices("siglip"), "siglip",
-                                 "SigLIP so400m patch14-384 (clip_vision), e.g. sigclip_vision_patch14_384."),
-                "uso_lora": _combo(slot_choices("uso_lora"), "uso_lora",
-                                   "The USO DiT LoRA (uso-flux1-dit-lora-v1 or the original dit_lora)."),
-                "projector": _combo(slot_choices("projector"), "projector",
-                                    "The USO style projector (uso-flux1-projector-v1 or the original projector)."),
-                "precision": (list(PRECISIONS), {
-                    "default": "auto",
-                    "tooltip": "auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU. fp8_e4m3fn: "
-                               "transformer weights stored in fp8 (about half the VRAM), computed in bf16."}),
-                "memory": (list(MEMORY_MODES), {
-                    "default": "auto",
-                    "tooltip": "auto: the fastest placement that fits the free VRAM. gpu: everything resident. "
-                               "model_offload: one model on the GPU at a time. group_offload: the transformer "
-                               "streamed block by block (least VRAM, slower)."}),
-            },
-            "optional": {
-                "lora_mode": (list(LORA_MODES), {
-                    "default": "auto",
-                    "tooltip": "auto: fused into bf16/fp16 weights (fastest), unfused over fp8/GGUF weights. "
-                               "unfused: exactly like the reference."}),
-                "encoders": (list(ENCODER_PLACEMENTS), {
-                    "default": "auto",
-                    "tooltip": "Where T5 (9.5 GB), CLIP-L and SigLIP live in 'gpu' memory mode. offload: in RAM, "
-                               "streamed through the GPU when a new prompt or style is encoded (T5 leaves the GPU "
-                               "after encoding). auto: resident when everything fits."}),
-                "attention": (list(ATTENTION_CHOICES), {
-                    "default": "native",
-                    "tooltip": "diffusers' attention backend. native = torch SDPA, like the reference. flash, "
-                               "flash3, sage, xformers need their package and a GPU (checked when loading); sage "
-                               "can give black images."}),
-                "compile": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "torch.compile the repeated transformer blocks. The first image at a new size "
-                               "compiles (seconds); later ones are faster."}),
-                "step_cache": ("FLOAT", {
-                    "default": 0.0, "min": 0.0, "max": STEP_CACHE_MAX, "step": 0.01,
-                    "tooltip": "First Block Cache threshold (0 = off). 0.05-0.15 skips steps whose first block "
-                               "barely changed: faster, and the image changes more the higher it is."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        files = default_choices()
+
+        def file_input(slot: str, tooltip: str) -> io.Combo.Input:
+            choices, default = files[slot]
+            return io.Combo.Input(slot, options=choices, default=default, tooltip=tooltip)
+
+        return io.Schema(
+            node_id="USOLoadModels", display_name="USO Load Models", category="USO",
+            description=("Loads FLUX.1-dev with the USO LoRA, the SigLIP style encoder and the USO projector from "
+                         "ComfyUI's model folders (the files ComfyUI's own USO template uses work). With an "
+                         "all-in-one checkpoint or a diffusers folder as transformer, vae / t5 / clip_l can be "
+                         "'(from checkpoint)'."),
+            inputs=[
+                file_input("transformer", "FLUX.1-dev: diffusion_models (bf16, fp8, scaled fp8, GGUF), checkpoints "
+                                          "(ComfyUI all-in-one, e.g. flux1-dev-fp8.safetensors) or diffusers "
+                                          "folders."),
+                file_input("vae", "The FLUX autoencoder (ae.safetensors)." + embedded),
+                file_input("t5", "T5-XXL text encoder (fp16, fp8 or scaled fp8)." + embedded),
+                file_input("clip_l", "CLIP-L text encoder." + embedded),
+                file_input("siglip", "SigLIP so400m patch14-384 (clip_vision), e.g. sigclip_vision_patch14_384."),
+                file_input("uso_lora", "The USO DiT LoRA (uso-flux1-dit-lora-v1 or the original dit_lora)."),
+                file_input("projector", "The USO style projector (uso-flux1-projector-v1 or the original "
+                                        "projector)."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                               tooltip="auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU. "
+                                       "fp8_e4m3fn: transformer weights stored in fp8 (about half the VRAM), "
+                                       "computed in bf16."),
+                io.Combo.Input("memory", options=list(MEMORY_MODES), default="auto",
+                               tooltip="auto: the fastest placement that fits the free VRAM. gpu: everything "
+                                       "resident. model_offload: one model on the GPU at a time. group_offload: the "
+                                       "transformer streamed block by block (least VRAM, slower)."),
+                io.Combo.Input("lora_mode", options=list(LORA_MODES), default="auto", optional=True,
+                               tooltip="auto: fused into bf16/fp16 weights (fastest), unfused over fp8/GGUF "
+                                       "weights. unfused: exactly like the reference."),
+                io.Combo.Input("encoders", options=list(ENCODER_PLACEMENTS), default="auto", optional=True,
+                               tooltip="Where T5 (9.5 GB), CLIP-L and SigLIP live in 'gpu' memory mode. offload: in "
+                                       "RAM, streamed through the GPU when a new prompt or style is encoded (T5 "
+                                       "leaves the GPU after encoding). auto: resident when everything fits."),
+                io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="native", optional=True,
+                               tooltip="diffusers' attention backend. native = torch SDPA, like the reference. "
+                                       "flash, flash3, sage, xformers need their package and a GPU (checked when "
+                                       "loading); sage can give black images."),
+                io.Boolean.Input("compile", default=False, optional=True,
+                                 tooltip="torch.compile the repeated transformer blocks. The first image at a new "
+                                         "size compiles (seconds); later ones are faster."),
+                io.Float.Input("step_cache", default=0.0, min=0.0, max=STEP_CACHE_MAX, step=0.01, optional=True,
+                               tooltip="First Block Cache threshold (0 = off). 0.05-0.15 skips steps whose first "
+                                       "block barely changed: faster, and the image changes more the higher it "
+                                       "is."),
+            ],
+            outputs=[USOModel.Output(display_name="uso_model",
+                                     tooltip="FLUX.1-dev + the USO LoRA + SigLIP + the style projector, ready for "
+                                             "the USO nodes.")],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, **widgets):
+    def fingerprint_inputs(cls, **widgets):
         """Reload when a chosen file changes on disk (size or modification time)."""
         stamps = []
         for slot, label in sorted(widgets.items()):
@@ -137,9 +145,10 @@ class USOLoadModels:
                 stamps.append(f"{slot}:{stat.st_size}:{stat.st_mtime_ns}")
         return "|".join(stamps)
 
-    def load(self, transformer, vae, t5, clip_l, siglip, uso_lora, projector, precision="auto",
-             memory="auto", lora_mode="auto", encoders="auto", attention="native", compile=False,
-             step_cache=0.0, unique_id=None):
+    @classmethod
+    def execute(cls, transformer, vae, t5, clip_l, siglip, uso_lora, projector, precision="auto",
+                memory="auto", lora_mode="auto", encoders="auto", attention="native", compile=False,
+                step_cache=0.0) -> io.NodeOutput:
         requirements.require_installed()  # a clone without `pip install -r requirements.txt`
         for name, value, choices in (("precision", precision, PRECISIONS), ("memory", memory, MEMORY_MODES),
                                      ("lora_mode", lora_mode, LORA_MODES),
@@ -156,17 +165,17 @@ class USOLoadModels:
                                 step_cache=check_step_cache(step_cache),
                                 device=bridge.torch_device(),
                                 comfy_tokenizer_dirs=bridge.shipped_tokenizer_dirs())
-        progress = bridge.Progress(len(LOAD_STEPS), node_id=unique_id)
+        progress = bridge.Progress(len(LOAD_STEPS), node_id=unique_id(cls))
 
         def on_load_step(what: str) -> None:
             bridge.throw_if_interrupted()
             progress.set(LOAD_STEPS.index(what) if what in LOAD_STEPS else progress.current)
 
-        fingerprint = self.IS_CHANGED(transformer=transformer, vae=vae, t5=t5, clip_l=clip_l, siglip=siglip,
-                                      uso_lora=uso_lora, projector=projector)
+        fingerprint = cls.fingerprint_inputs(transformer=transformer, vae=vae, t5=t5, clip_l=clip_l,
+                                             siglip=siglip, uso_lora=uso_lora, projector=projector)
         pipeline = pipeline_cache.get_or_load(files, options, fingerprint, on_load_step)
         progress.set(len(LOAD_STEPS))
-        return (pipeline,)
+        return io.NodeOutput(pipeline)
 
 
 NODE_CLASSES = [USOLoadModels]

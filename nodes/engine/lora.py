@@ -91,6 +91,30 @@ def load_uso_lora(path: str) -> tuple[list[LoraPart], int]:
     return parts, ranks.pop()
 
 
+def holds_uso_lora(path: str, parts: list[LoraPart]) -> bool:
+    """Whether the file at `path` is the USO LoRA whose `parts` a pipeline applies (keys all in the
+    USO LoRA's layout, and its first down weight equal to the loaded one): offered again as a user
+    LoRA, it would apply USO twice. Reads the header and one tensor."""
+    loaded = {part.module: part for part in parts}
+    try:
+        source = open_weights(path)
+    except ModelFileError:
+        return False  # the user-LoRA reader names what is wrong with the file
+    first = None
+    for key in source.keys():
+        m = _KEY.match(key[len("diffusion_model."):] if key.startswith("diffusion_model.") else key)
+        if not m:
+            return False
+        if first is None and m.group(5) == "down":
+            first = key, _targets(*m.groups()[:4])[0]
+    if first is None or first[1] not in loaded:
+        return False
+    mine = loaded[first[1]].down
+    theirs = source.get(first[0])
+    source.close()
+    return theirs.shape == mine.shape and torch.equal(theirs.to(mine.dtype), mine)
+
+
 def check_fits(parts: list[LoraPart], model: nn.Module, name: str) -> None:
     modules = dict(model.named_modules())
     for part in parts:

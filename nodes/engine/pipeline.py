@@ -26,9 +26,6 @@ from .model_set import LoadedModels, ModelFiles, load_models
 from .user_lora import UserLora, read_user_lora
 from .errors import InputError, ModelFileError, OutOfMemoryError
 
-# Re-exported for the nodes that still read them here (USO Generate); their home is `limits`.
-MIN_SIZE, MAX_SIZE, MAX_BATCH = WIDTH.low, WIDTH.high, BATCH_SIZE.high
-
 LORA_MODES = ("auto", "fused", "unfused")
 
 

@@ -11,13 +11,13 @@ Configuration (environment):
   USO_AIML_URL                              AIML base URL, default https://api.aimlapi.com
 Environment keys win over the file; the file is read on every run.
 """
-from .errors import Cancelled, InputError, InputProblem, KeyProblem, ProviderError, RemoteError, RemoteTimeout
+from .errors import Cancelled, InputError, KeyProblem, ProviderError, RemoteError, RemoteTimeout
 from .hooks import Hooks
 from .pipeline import RemoteInputs, RemoteResult, Settings, generate
 from .request import OUTPUT_FORMATS, PROVIDERS, SIZE_CHOICES
 
 __all__ = [
-    "Cancelled", "InputError", "InputProblem", "KeyProblem", "ProviderError", "RemoteError", "RemoteTimeout",
+    "Cancelled", "InputError", "KeyProblem", "ProviderError", "RemoteError", "RemoteTimeout",
     "Hooks", "RemoteInputs", "RemoteResult", "Settings", "generate",
     "OUTPUT_FORMATS", "PROVIDERS", "SIZE_CHOICES",
 ]

@@ -22,11 +22,6 @@ class InputError(RemoteError):
     `nodes.engine.InputError`.)"""
 
 
-# The name before issue 18. request.py, images.py and the remote node still raise it while other
-# branches of this wave edit those lines; once they are merged, they say InputError and this goes.
-InputProblem = InputError
-
-
 class ProviderError(RemoteError):
     """The provider answered with an error."""
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..image_limits import open_image
-from .errors import InputProblem, ProviderError
+from .errors import InputError, ProviderError
 from .transport import url_problem
 
 MAX_PIXELS = 2048 * 2048  # the cap ComfyUI's own API nodes use before uploading
@@ -25,7 +25,7 @@ def frames(images, input_name: str) -> list[Image.Image]:
     if isinstance(images, Image.Image):
         images = [images]
     if not (isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images)):
-        raise InputProblem(f"{input_name}: expected one or more images, got {type(images).__name__}.")
+        raise InputError(f"{input_name}: expected one or more images, got {type(images).__name__}.")
     return [i.convert("RGB") for i in images]
 
 

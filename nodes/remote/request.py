@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import InputProblem
+from .errors import InputError
 
 PROVIDERS = ("fal", "aiml")
 PRESETS = {
@@ -60,7 +60,7 @@ def map_seed(seed: int) -> int | None:
 def _int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             isinstance(value, float) and not value.is_integer()):
-        raise InputProblem(f"{name}: expected a whole number, got {value!r}. Enter an integer.")
+        raise InputError(f"{name}: expected a whole number, got {value!r}. Enter an integer.")
     return int(value)
 
 
@@ -75,7 +75,7 @@ def _clamp(name: str, value, lo, hi, warnings: list[str], why: str = ""):
 def _choice(name: str, value, choices) -> str:
     if value not in choices:
         listed = ", ".join(f"'{c}'" for c in choices)
-        raise InputProblem(f"{name}: '{value}' is not supported; choose one of {listed}.")
+        raise InputError(f"{name}: '{value}' is not supported; choose one of {listed}.")
     return value
 
 
@@ -98,16 +98,16 @@ def _side(name: str, value, warnings: list[str]) -> int:
 def build_request(*, provider: str, prompt: str, size: str, width, height, keep_size: bool, steps,
                   guidance, seed, num_images, negative_prompt: str, output_format: str,
                   safety_checker: bool, has_subject: bool, style_count: int) -> UsoRequest:
-    """Check and clamp the node's inputs. Raises InputProblem for what cannot be fixed."""
+    """Check and clamp the node's inputs. Raises InputError for what cannot be fixed."""
     warnings: list[str] = []
     _choice("provider", provider, PROVIDERS)
     _choice("size", size, SIZE_CHOICES)
     _choice("output_format", output_format, OUTPUT_FORMATS)
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if not isinstance(text, str):
-            raise InputProblem(f"{name}: expected text, got {type(text).__name__}.")
+            raise InputError(f"{name}: expected text, got {type(text).__name__}.")
     if not has_subject and style_count == 0:
-        raise InputProblem("No input image: connect subject_image (the subject / content image) and/or "
+        raise InputError("No input image: connect subject_image (the subject / content image) and/or "
                            "style_images (1-2 style references). fal and AIML both need at least one image.")
 
     prompt = _cut("prompt", prompt.strip(), warnings)
@@ -125,13 +125,13 @@ def build_request(*, provider: str, prompt: str, size: str, width, height, keep_
 
     steps = _clamp("steps", _int("steps", steps), *STEPS_RANGE, warnings)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise InputProblem(f"guidance: expected a number between 1 and 10, got {guidance!r}.")
+        raise InputError(f"guidance: expected a number between 1 and 10, got {guidance!r}.")
     guidance = float(_clamp("guidance", round(float(guidance), 3), *GUIDANCE_RANGE, warnings,
                             " (fal accepts 1-10)"))
     num_images = _clamp("num_images", _int("num_images", num_images), *NUM_IMAGES_RANGE, warnings)
     seed = _int("seed", seed)
     if seed < 0:
-        raise InputProblem(f"seed: {seed} is negative; use 0 (let the provider pick) or a positive seed.")
+        raise InputError(f"seed: {seed} is negative; use 0 (let the provider pick) or a positive seed.")
 
     return UsoRequest(prompt=prompt, negative_prompt=negative_prompt, image_size=image_size,
                       keep_size=bool(keep_size), steps=steps, guidance=guidance, seed=map_seed(seed),

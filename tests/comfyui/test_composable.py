@@ -9,6 +9,7 @@ import torch
 from nodes.comfyui import NODE_CLASS_MAPPINGS, pipeline_cache
 from nodes.engine import InputError, USOError, USOPipeline, positions, sampler, schedule, style
 from reliability_helpers import CHECKPOINT_LOADER, node
+import workflow_runner as wr
 
 LOADER = CHECKPOINT_LOADER
 
@@ -16,7 +17,7 @@ LOADER = CHECKPOINT_LOADER
 @pytest.fixture(scope="module")
 def model(comfy_folders):
     pipeline_cache.clear()
-    (pipe,) = node("USOLoadModels").load(**LOADER, unique_id="1")
+    (pipe,) = node("USOLoadModels")(**LOADER, unique_id="1")
     yield pipe
     pipeline_cache.clear()
 
@@ -25,16 +26,16 @@ def generate(model, **kw):
     args = dict(prompt="a cat", width=64, height=48, keep_size=False, steps=4, guidance=4.0, seed=1,
                 batch_size=1, unique_id="4")
     args.update(kw)
-    return node("USOGenerate").generate(model, **args)
+    return node("USOGenerate")(model, **args)
 
 
 # -- USO Load LoRA --------------------------------------------------------------------------------
 
 def test_lora_node_lists_the_loras_folder_and_chains(model, comfy_folders):
-    names = NODE_CLASS_MAPPINGS["USOLoraLoader"].INPUT_TYPES()["required"]["lora_name"][0]
+    names = wr.input_types(NODE_CLASS_MAPPINGS["USOLoraLoader"])["required"]["lora_name"][0]
     assert "my_flux_lora_kohya.safetensors" in names and "my_flux_lora_diffusers.safetensors" in names
-    (one,) = node("USOLoraLoader").load(model, "my_flux_lora_kohya.safetensors", 0.7)
-    (two,) = node("USOLoraLoader").load(one, "my_flux_lora_xlabs.safetensors", 1.0)
+    (one,) = node("USOLoraLoader")(model, "my_flux_lora_kohya.safetensors", 0.7)
+    (two,) = node("USOLoraLoader")(one, "my_flux_lora_xlabs.safetensors", 1.0)
     assert isinstance(two, USOPipeline) and len(two.user_loras) == 2 and model.user_loras == ()
     plain = generate(model)[1]["samples"]
     chained = generate(two)[1]["samples"]
@@ -44,9 +45,20 @@ def test_lora_node_lists_the_loras_folder_and_chains(model, comfy_folders):
 
 def test_lora_node_names_a_missing_or_foreign_file(model, comfy_folders):
     with pytest.raises(USOError, match="lora_name: .*not found"):
-        node("USOLoraLoader").load(model, "nope.safetensors", 1.0)
+        node("USOLoraLoader")(model, "nope.safetensors", 1.0)
     with pytest.raises(USOError, match="lora_name: .*not a file name"):
-        node("USOLoraLoader").load(model, "../vae/ae.safetensors", 1.0)
+        node("USOLoraLoader")(model, "../vae/ae.safetensors", 1.0)
+
+
+def test_lora_node_refuses_the_uso_lora_itself(model, comfy_folders):
+    # USO Load Models already applies it; as a user LoRA it would apply USO a second time.
+    for name in ("uso-flux1-dit-lora-v1.safetensors", "uso_flux_v1.0/dit_lora.safetensors"):
+        with pytest.raises(InputError, match=f"lora_name: '{name}' is the USO LoRA itself, which USO Load Models "
+                                             "already applies"):
+            node("USOLoraLoader")(model, name, 1.0)
+    assert model.user_loras == ()
+    (view,) = node("USOLoraLoader")(model, "my_flux_lora_xlabs.safetensors", 1.0)  # same key layout, not USO
+    assert len(view.user_loras) == 1
 
 
 # -- image to image -------------------------------------------------------------------------------
@@ -145,11 +157,11 @@ def test_style_from_clip_vision_equals_uso_encode_style(model, comfy_folders):
 
     picture = comfy_folders.make_image(80, 64, 5)
     pixels = style.style_pixels(picture, model.style_size, "center")
-    (from_native,) = node("USOStyleFromClipVision").encode(model, _clip_vision_output(comfy_folders, pixels))
-    (ours,) = node("USOEncodeStyle").encode(model, pil_to_tensor(picture)[None], "center")
+    (from_native,) = node("USOStyleFromClipVision")(model, _clip_vision_output(comfy_folders, pixels))
+    (ours,) = node("USOEncodeStyle")(model, pil_to_tensor(picture)[None], "center")
     assert from_native.count == 1 and from_native.owner == ours.owner
     assert torch.allclose(from_native.tokens[0], ours.tokens[0], atol=1e-5, rtol=1e-5)
-    chained = node("USOStyleFromClipVision").encode(model, _clip_vision_output(comfy_folders, pixels), ours)[0]
+    chained = node("USOStyleFromClipVision")(model, _clip_vision_output(comfy_folders, pixels), ours)[0]
     assert chained.count == 2
     generate(model, style=chained, steps=1)
 
@@ -158,8 +170,8 @@ def test_clip_vision_output_without_siglip_layers_is_refused(model, comfy_folder
     clip_like = ComfyOutput()
     clip_like.last_hidden_state = torch.zeros(1, 257, 1024)
     with pytest.raises(InputError, match="clip_vision_output: carries no per-layer hidden states"):
-        node("USOStyleFromClipVision").encode(model, clip_like)
+        node("USOStyleFromClipVision")(model, clip_like)
     wrong = ComfyOutput()
     wrong.all_hidden_states = torch.zeros(1, 24, 16, 16)  # another SigLIP depth / size
     with pytest.raises(InputError, match="24 layers"):
-        node("USOStyleFromClipVision").encode(model, wrong)
+        node("USOStyleFromClipVision")(model, wrong)

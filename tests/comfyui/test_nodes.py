@@ -1,4 +1,4 @@
-"""The local nodes called as ComfyUI calls them: INPUT_TYPES -> VALIDATE_INPUTS -> FUNCTION."""
+"""The local nodes called as ComfyUI calls them: schema -> validate_inputs -> execute (V3, on a locked class clone)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,7 @@ from nodes.comfyui import NODE_CLASS_MAPPINGS, bridge, pipeline_cache
 from nodes.engine import InputError, USOError
 from nodes.model_catalog import FROM_CHECKPOINT
 from reliability_helpers import CHECKPOINT_LOADER, node
+import workflow_runner as wr
 
 LOADER = CHECKPOINT_LOADER
 
@@ -26,14 +27,14 @@ def image(tiny_models, w, h, seed=0, channels=3):
 @pytest.fixture(scope="module")
 def model(comfy_folders):
     pipeline_cache.clear()
-    (pipe,) = node("USOLoadModels").load(**LOADER, unique_id="1")
+    (pipe,) = node("USOLoadModels")(**LOADER, unique_id="1")
     return pipe
 
 
 @pytest.fixture(scope="module")
 def encodings(model, comfy_folders):
-    (style,) = node("USOEncodeStyle").encode(model, image(comfy_folders, 64, 40, 1), "reference")
-    (subject,) = node("USOEncodeSubject").encode(model, image(comfy_folders, 80, 64, 2), 64, "mean", 0)
+    (style,) = node("USOEncodeStyle")(model, image(comfy_folders, 64, 40, 1), "reference")
+    (subject,) = node("USOEncodeSubject")(model, image(comfy_folders, 80, 64, 2), 64, "mean", 0)
     return style, subject
 
 
@@ -43,11 +44,11 @@ def run(model, encodings=None, **kw):
     args.update(kw)
     if encodings:
         args.update(style=encodings[0], subject=encodings[1])
-    return node("USOGenerate").generate(model, **args)
+    return node("USOGenerate")(model, **args)
 
 
 def test_loader_lists_comfyui_model_folders_with_defaults(comfy_folders):
-    types = NODE_CLASS_MAPPINGS["USOLoadModels"].INPUT_TYPES()["required"]
+    types = wr.input_types(NODE_CLASS_MAPPINGS["USOLoadModels"])["required"]
     transformers = types["transformer"][0]
     assert "flux1-dev.safetensors" in transformers
     assert "checkpoints/flux1-dev-fp8.safetensors" in transformers
@@ -63,9 +64,9 @@ def test_loader_lists_comfyui_model_folders_with_defaults(comfy_folders):
 
 
 def test_loader_reuses_the_loaded_model_and_reloads_when_a_file_changes(model, comfy_folders):
-    (again,) = node("USOLoadModels").load(**LOADER)
+    (again,) = node("USOLoadModels")(**LOADER)
     assert again is model
-    changed = NODE_CLASS_MAPPINGS["USOLoadModels"].IS_CHANGED(**LOADER)
+    changed = NODE_CLASS_MAPPINGS["USOLoadModels"].fingerprint_inputs(**LOADER)
     assert "transformer:" in changed and "uso_lora:" in changed
 
 
@@ -74,7 +75,7 @@ def test_loader_reuses_the_loaded_model_and_reloads_when_a_file_changes(model, c
     ("diffusers/FLUX.1-dev", dict(vae=FROM_CHECKPOINT, t5=FROM_CHECKPOINT, clip_l=FROM_CHECKPOINT)),
 ])
 def test_loader_takes_separate_files_and_diffusers_folders(comfy_folders, transformer, parts, model):
-    (pipe,) = node("USOLoadModels").load(**{**LOADER, "transformer": transformer, **parts})
+    (pipe,) = node("USOLoadModels")(**{**LOADER, "transformer": transformer, **parts})
     images, latent = run(pipe)
     assert images.shape == (1, 48, 64, 3)
     pipeline_cache.clear()
@@ -82,15 +83,15 @@ def test_loader_takes_separate_files_and_diffusers_folders(comfy_folders, transf
 
 def test_from_checkpoint_without_a_checkpoint_says_what_to_pick(comfy_folders):
     with pytest.raises(USOError, match="vae: no file chosen.*pick a vae file"):
-        node("USOLoadModels").load(**{**LOADER, "transformer": "flux1-dev.safetensors"})
+        node("USOLoadModels")(**{**LOADER, "transformer": "flux1-dev.safetensors"})
 
 
 def test_model_names_from_workflows_stay_inside_the_model_folders(comfy_folders):
     for bad in ("../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"):
         with pytest.raises(USOError, match="not a file name inside"):
-            node("USOLoadModels").load(**{**LOADER, "uso_lora": bad})
+            node("USOLoadModels")(**{**LOADER, "uso_lora": bad})
     with pytest.raises(USOError, match="was not found in the 'loras' model folder"):
-        node("USOLoadModels").load(**{**LOADER, "uso_lora": "missing.safetensors"})
+        node("USOLoadModels")(**{**LOADER, "uso_lora": "missing.safetensors"})
 
 
 def test_generate_gives_comfyui_image_and_latent(model, encodings):
@@ -115,8 +116,8 @@ def test_native_vae_decode_of_the_latent_gives_the_same_picture(model, encodings
 @pytest.mark.parametrize("channels,size", [(3, (64, 40)), (4, (33, 57)), (1, (100, 30))])
 def test_style_and_subject_accept_rgba_grayscale_and_odd_sizes(model, comfy_folders, channels, size):
     img = image(comfy_folders, *size, seed=5, channels=channels)
-    (style,) = node("USOEncodeStyle").encode(model, img, "center")
-    (subject,) = node("USOEncodeSubject").encode(model, img, 64, "mean", 0)
+    (style,) = node("USOEncodeStyle")(model, img, "center")
+    (subject,) = node("USOEncodeSubject")(model, img, 64, "mean", 0)
     assert style.count == 1 and len(subject.latents) == 1
     images, _ = run(model, (style, subject))
     assert images.shape == (1, 48, 64, 3)
@@ -124,9 +125,9 @@ def test_style_and_subject_accept_rgba_grayscale_and_odd_sizes(model, comfy_fold
 
 def test_a_batch_of_style_images_is_one_style_each_and_chains(model, comfy_folders):
     batch = torch.cat([image(comfy_folders, 64, 40, 1), image(comfy_folders, 64, 40, 2)])
-    (two,) = node("USOEncodeStyle").encode(model, batch, "reference")
+    (two,) = node("USOEncodeStyle")(model, batch, "reference")
     assert two.count == 2
-    (three,) = node("USOEncodeStyle").encode(model, image(comfy_folders, 30, 30, 3), "reference", previous=two)
+    (three,) = node("USOEncodeStyle")(model, image(comfy_folders, 30, 30, 3), "reference", previous=two)
     assert three.count == 3
     with pytest.raises(InputError, match="style: 3 style images.*extra_references"):
         run(model, style=three)
@@ -166,23 +167,38 @@ def test_progress_ticks_once_per_step_and_cancel_stops_within_a_step(model, enco
     assert torch.equal(a, b)
 
 
-def test_validate_inputs_catches_bad_sizes_and_keeps_ranges(comfy_folders):
-    cls = NODE_CLASS_MAPPINGS["USOGenerate"]
-    assert cls.VALIDATE_INPUTS(width=1024, height=768, batch_size=4, steps=25) is True
-    assert "width: 1000 is not a multiple of 16" in cls.VALIDATE_INPUTS(width=1000, height=768)
-    assert "height: 8 is outside" in cls.VALIDATE_INPUTS(width=64, height=8)
-    assert "width: 8192 is outside" in cls.VALIDATE_INPUTS(width=8192, height=64)
-    assert "batch_size: 99" in cls.VALIDATE_INPUTS(batch_size=99)
-    assert "steps: 0" in cls.VALIDATE_INPUTS(steps=0)
-    assert cls.VALIDATE_INPUTS() is True  # linked inputs arrive later; checked at run time
-    assert "long_side: 500" in NODE_CLASS_MAPPINGS["USOEncodeSubject"].VALIDATE_INPUTS(long_side=500)
+def test_fresh_loader_with_an_all_in_one_checkpoint_takes_all_its_parts_from_it(comfy_folders, monkeypatch):
+    # Only the checkpoint as transformer (ComfyUI's USO template's files): vae, t5 and clip_l all
+    # default to "(from checkpoint)", not the checkpoint's VAE beside a separate ae.safetensors.
+    monkeypatch.setitem(bridge.standalone_model_folders, "diffusion_models", [])
+    monkeypatch.setitem(bridge.standalone_model_folders, "diffusers", [])
+    required = wr.input_types(NODE_CLASS_MAPPINGS["USOLoadModels"])["required"]
+    assert required["transformer"][1]["default"] == "checkpoints/flux1-dev-fp8.safetensors"
+    assert [required[slot][1]["default"] for slot in ("vae", "t5", "clip_l")] == [FROM_CHECKPOINT] * 3
+    assert "ae.safetensors" in required["vae"][0]  # still offered
+    assert required["siglip"][1]["default"] == "sigclip_vision_patch14_384.safetensors"
+
+
+def test_validation_reports_each_problem_once_under_its_input(comfy_folders):
+    # ComfyUI 0.8.0 repeats a validate_inputs verdict under every argument of it: width 1000 came
+    # back under width, height, steps and batch_size. Ranges are ComfyUI's per-input checks now.
+    gen = NODE_CLASS_MAPPINGS["USOGenerate"]
+    assert wr.validation_errors(gen, dict(width=1024, height=768, batch_size=4, steps=25)) == []
+    for bad in (dict(width=8192), dict(height=8), dict(batch_size=99), dict(steps=0)):
+        errors = wr.validation_errors(gen, {**dict(width=1024, height=1024, batch_size=1, steps=25), **bad})
+        assert [e["input_name"] for e in errors] == list(bad), errors
+    subject = NODE_CLASS_MAPPINGS["USOEncodeSubject"]
+    errors = wr.validation_errors(subject, dict(long_side=500, posterior="mean", sample_seed=0))
+    assert [e["input_name"] for e in errors] == ["long_side"]
+    assert "long_side: 500 is not a multiple of 16" in errors[0]["details"]
+    assert subject.validate_inputs(long_side=None) is True  # linked: ComfyUI passes None, checked at run time
 
 
 def test_run_time_checks_for_linked_values(model):
     with pytest.raises(InputError, match="width: 1000 is not a multiple of 16"):
         run(model, width=1000)
     with pytest.raises(InputError, match="uso_model: expected the output of USO Load Models"):
-        node("USOGenerate").generate("not a model", "x", 64, 64, False, 2, 4.0, 0, 1)
+        node("USOGenerate")("not a model", "x", 64, 64, False, 2, 4.0, 0, 1)
     with pytest.raises(InputError, match="style: expected the output of USO Encode Style"):
         run(model, style=torch.zeros(3))
 
@@ -199,12 +215,12 @@ def test_encodings_from_another_model_are_refused(model, encodings, comfy_folder
 
 
 def test_loader_passes_speed_and_memory_options_to_the_engine(comfy_folders):
-    (pipe,) = node("USOLoadModels").load(**{**LOADER, "encoders": "offload", "step_cache": 0.1})
+    (pipe,) = node("USOLoadModels")(**{**LOADER, "encoders": "offload", "step_cache": 0.1})
     assert pipe.options.encoders == "offload" and pipe.options.step_cache == 0.1
     images, _ = run(pipe)
     assert images.shape == (1, 48, 64, 3)
     with pytest.raises(InputError, match="attention: 'fastest' is not one of native"):
-        node("USOLoadModels").load(**{**LOADER, "attention": "fastest"})
+        node("USOLoadModels")(**{**LOADER, "attention": "fastest"})
     with pytest.raises(InputError, match="step_cache: 2.0 is outside"):
-        node("USOLoadModels").load(**{**LOADER, "step_cache": 2.0})
+        node("USOLoadModels")(**{**LOADER, "step_cache": 2.0})
     pipeline_cache.clear()

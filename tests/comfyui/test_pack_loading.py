@@ -26,7 +26,17 @@ def load_like_comfyui(module_name: str):
 
 @pytest.fixture(scope="module")
 def pack():
-    return load_like_comfyui("custom_nodes_x_comfyui_uso_x_test_pack")
+    """The loaded pack's node classes by id, registered as ComfyUI 0.8.0 registers V3 nodes: the
+    ComfyExtension from `comfy_entrypoint`, its get_node_list(), each class under its schema's id."""
+    import asyncio
+
+    module = load_like_comfyui("custom_nodes_x_comfyui_uso_x_test_pack")
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # ComfyUI would load that instead (V1) and skip ours
+    extension = asyncio.run(module.comfy_entrypoint())
+    nodes = asyncio.run(extension.get_node_list())
+    module.NODE_CLASS_MAPPINGS = {cls.GET_SCHEMA().node_id: cls for cls in nodes}
+    module.NODE_DISPLAY_NAME_MAPPINGS = {cls.GET_SCHEMA().node_id: cls.GET_SCHEMA().display_name for cls in nodes}
+    return module
 
 
 def test_pack_imports_under_an_arbitrary_module_name(pack):
@@ -38,10 +48,13 @@ def test_pack_imports_under_an_arbitrary_module_name(pack):
 
 def test_pack_imports_in_a_clean_interpreter_without_comfyui():
     # A separate process: nothing of the test session (sys.path, fixtures) helps the import.
-    code = ("import importlib.util, sys; "
+    import comfy_api_source
+
+    code = (f"import importlib.util, sys, asyncio; sys.path.append(r'{comfy_api_source.source_dir()}'); "
             f"spec = importlib.util.spec_from_file_location('x_pack', r'{ROOT / '__init__.py'}', "
             f"submodule_search_locations=[r'{ROOT}']); m = importlib.util.module_from_spec(spec); "
-            "sys.modules['x_pack'] = m; spec.loader.exec_module(m); print(sorted(m.NODE_CLASS_MAPPINGS))")
+            "sys.modules['x_pack'] = m; spec.loader.exec_module(m); "
+            "print(sorted(c.GET_SCHEMA().node_id for c in asyncio.run(asyncio.run(m.comfy_entrypoint()).get_node_list())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "USOGenerate" in out.stdout
@@ -90,7 +103,8 @@ def _check_input(name, spec):
     kind = spec[0]
     options = spec[1] if len(spec) == 2 else {}
     assert isinstance(options, dict), name
-    if isinstance(kind, list):  # combo
+    if isinstance(kind, list) or kind == "COMBO":  # combo: V1 list, V3 "COMBO" with its options
+        kind = kind if isinstance(kind, list) else options["options"]
         assert all(isinstance(c, str) for c in kind), name
         if kind and "default" in options:
             assert options["default"] in kind, name
@@ -115,10 +129,10 @@ def test_every_node_schema_is_well_formed(pack):
         for section in ("required", "optional"):
             for name, spec in types.get(section, {}).items():
                 _check_input(f"{node_id}.{name}", spec)
-        assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
+        assert isinstance(cls.RETURN_TYPES, (tuple, list)) and cls.RETURN_TYPES
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
         assert callable(getattr(cls, cls.FUNCTION)), node_id
-        assert cls.DESCRIPTION and cls.DISPLAY_NAME == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert cls.DESCRIPTION and cls.GET_SCHEMA().display_name == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
 
 
 def test_node_ids_do_not_collide_with_core_or_known_uso_packs(pack):
@@ -128,10 +142,11 @@ def test_node_ids_do_not_collide_with_core_or_known_uso_packs(pack):
 
 
 def test_validate_inputs_never_takes_kwargs(pack):
-    # A **kwargs VALIDATE_INPUTS switches off ComfyUI's own range checks for every input.
+    # A **kwargs validate_inputs switches off ComfyUI's own range checks for every input.
     import inspect
 
-    for cls in pack.NODE_CLASS_MAPPINGS.values():
-        if hasattr(cls, "VALIDATE_INPUTS"):
-            spec = inspect.getfullargspec(cls.VALIDATE_INPUTS)
-            assert spec.varkw is None, cls.NODE_ID
+    from comfy_api.internal import first_real_override
+
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        if validator := first_real_override(cls, "validate_inputs"):
+            assert inspect.getfullargspec(validator).varkw is None, node_id

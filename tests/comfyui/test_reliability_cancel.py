@@ -88,7 +88,7 @@ def test_cancel_before_loading_keeps_the_cached_model(setup):
     current = load()
     bridge.request_interrupt()
     with pytest.raises(bridge.Cancelled):
-        node("USOGenerate").generate(current, "a cat", 32, 32, False, 2, 4.0, 0, 1)
+        node("USOGenerate")(current, "a cat", 32, 32, False, 2, 4.0, 0, 1)
     assert load() is current  # the cached model was not touched
 
 

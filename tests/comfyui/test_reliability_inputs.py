@@ -360,9 +360,11 @@ def test_the_image_conversion_memory_stays_small_for_a_huge_image():
     import sys
     import textwrap
 
-    code = textwrap.dedent("""
+    import comfy_api_source
+
+    code = textwrap.dedent(f"""
         import sys, threading, time, torch
-        sys.path.insert(0, ".")
+        sys.path[:0] = [".", r"{comfy_api_source.source_dir()}"]  # the pack; ComfyUI's comfy_api
         from nodes.comfyui.image_convert import image_batch_to_pils
 
         def rss():
@@ -432,7 +434,7 @@ BAD_GENERATE = [
     ("height 8", dict(height=8), "height: 8 is outside 16..4096"),
     ("width 8192", dict(width=8192), "width: 8192 is outside 16..4096"),
     ("width -16", dict(width=-16), "width: -16 is outside 16..4096"),
-    ("width 32.5", dict(width=32.5), "width: expected a whole number of pixels, got 32.5"),
+    ("width 32.5", dict(width=32.5), "width: expected a whole number, got 32.5"),
     ("batch_size 17", dict(batch_size=17), "batch_size: 17 is outside 1..16"),
     ("batch_size 0", dict(batch_size=0), "batch_size: 0 is outside 1..16"),
     ("batch_size 10**12", dict(batch_size=10 ** 12), "batch_size: 1000000000000 is outside 1..16"),
@@ -462,15 +464,17 @@ def test_bad_generate_inputs_are_refused_before_any_work(good, what, kw, words):
 
 
 def test_validate_inputs_catches_widget_values_before_the_run(good):
+    import workflow_runner as wr
+
     gen = NODE_CLASS_MAPPINGS["USOGenerate"]
-    cases = [dict(width=1000), dict(height=4), dict(width=4112), dict(batch_size=17), dict(steps=0)]
-    for kw in cases:
-        message = gen.VALIDATE_INPUTS(**kw)
-        assert isinstance(message, str) and message.startswith(next(iter(kw)) + ":")
-        report(f"USOGenerate.VALIDATE_INPUTS {kw}", message)
-    message = NODE_CLASS_MAPPINGS["USOEncodeSubject"].VALIDATE_INPUTS(long_side=500)
-    report("USOEncodeSubject.VALIDATE_INPUTS long_side=500", message)
-    assert message.startswith("long_side: 500")
+    base = dict(width=1024, height=1024, batch_size=1, steps=25)
+    for kw in [dict(height=4), dict(width=4112), dict(batch_size=17), dict(steps=0)]:
+        errors = wr.validation_errors(gen, {**base, **kw})
+        assert [e["input_name"] for e in errors] == list(kw), errors
+        report(f"USOGenerate validation {kw}", errors[0]["details"])
+    errors = wr.validation_errors(NODE_CLASS_MAPPINGS["USOEncodeSubject"], dict(long_side=500))
+    report("USOEncodeSubject validation long_side=500", errors[0]["details"])
+    assert [e["input_name"] for e in errors] == ["long_side"] and "long_side: 500" in errors[0]["details"]
 
 
 def test_encodings_from_a_different_loaded_model_are_refused(good, bad_models):
@@ -511,7 +515,7 @@ def test_bad_long_side_and_posterior_at_run_time(good):
     with pytest.raises(InputError, match="long_side: 500 is not a multiple of 16"):
         encode_subject(model, image(40, 30), long_side=500)
     with pytest.raises(InputError, match="posterior: 'random' is not one of mean, sample"):
-        node("USOEncodeSubject").encode(model, image(40, 30), 64, "random", 0)
+        node("USOEncodeSubject")(model, image(40, 30), 64, "random", 0)
     with pytest.raises(InputError, match="crop: 'square' is not one of reference, center"):
         encode_style(model, image(40, 30), crop="square")
 

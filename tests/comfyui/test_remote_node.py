@@ -9,6 +9,7 @@ import pytest
 
 import workflow_runner
 import torch
+from comfy_api.internal import first_real_override
 from PIL import Image
 from remote_helpers import fal_server, remote_env, run_node, widget_defaults  # noqa: F401
 
@@ -30,12 +31,13 @@ def test_registered_with_the_pack_conventions():
     assert nodes.NODE_CLASS_MAPPINGS["USORemoteGenerate"] is USORemoteGenerate
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["USORemoteGenerate"] == "USO Remote Generate (fal / AIML)"
     cls = USORemoteGenerate
-    assert (cls.CATEGORY, cls.RETURN_TYPES, cls.RETURN_NAMES) == ("USO", ("IMAGE", "INT"), ("images", "seed"))
-    assert callable(getattr(cls(), cls.FUNCTION)) and cls.DESCRIPTION
+    assert (cls.CATEGORY, tuple(cls.RETURN_TYPES), tuple(cls.RETURN_NAMES)) == ("USO", ("IMAGE", "INT"),
+                                                                                ("images", "seed"))
+    assert callable(getattr(cls, cls.FUNCTION)) and cls.DESCRIPTION
 
 
 def test_inputs_order_types_and_ranges():
-    spec = USORemoteGenerate.INPUT_TYPES()
+    spec = workflow_runner.input_types(USORemoteGenerate)
     required = spec["required"]
     assert list(required) == INPUT_ORDER
     assert list(spec["optional"]) == ["subject_image", "style_images"]
@@ -53,10 +55,10 @@ def test_inputs_order_types_and_ranges():
 
 
 def test_no_key_widget_and_no_kwargs_validation():
-    spec = USORemoteGenerate.INPUT_TYPES()
+    spec = workflow_runner.input_types(USORemoteGenerate)
     names = " ".join([*spec["required"], *spec["optional"], *spec["hidden"]]).lower()
     assert "key" not in names.replace("keep_size", "") and "token" not in names
-    assert not hasattr(USORemoteGenerate, "VALIDATE_INPUTS")
+    assert first_real_override(USORemoteGenerate, "validate_inputs") is None
 
 
 def test_remote_package_never_imports_comfyui():
@@ -76,9 +78,9 @@ def test_remote_package_never_imports_comfyui():
 
 def test_called_as_comfyui_calls_it_with_default_widgets(remote_env, monkeypatch):
     with fal_server(monkeypatch) as fal:
-        kwargs = {**widget_defaults(), "unique_id": "12"}
+        kwargs = widget_defaults()
         kwargs["subject_image"] = torch.rand(1, 40, 30, 3)
-        images, seed = getattr(USORemoteGenerate(), USORemoteGenerate.FUNCTION)(**kwargs)
+        images, seed = workflow_runner.run_node(USORemoteGenerate, unique_id="12", **kwargs)
         body = fal.calls("POST")[0].json
     assert body["image_size"] == {"width": 1024, "height": 1024} and body["num_inference_steps"] == 28
     assert body["guidance_scale"] == 4.0 and "seed" not in body and body["enable_safety_checker"] is True
@@ -100,7 +102,7 @@ def _schema(node_type: str) -> dict:
     if node_type in CORE:
         return CORE[node_type]
     cls = nodes.NODE_CLASS_MAPPINGS[node_type]
-    spec = cls.INPUT_TYPES()
+    spec = workflow_runner.input_types(cls)
     widgets, sockets = [], {}
     for name, (kind, opts) in [*spec["required"].items(), *spec.get("optional", {}).items()]:
         if isinstance(kind, list) or kind in WIDGET_TYPES:
@@ -129,7 +131,7 @@ def test_ui_workflow_matches_the_node_schemas():
     remote = next(n for n in wf["nodes"] if n["type"] == "USORemoteGenerate")
     values = dict(zip(_schema("USORemoteGenerate")["widgets"], remote["widgets_values"]))
     assert values["seed:control"] in ("fixed", "increment", "decrement", "randomize")
-    required = USORemoteGenerate.INPUT_TYPES()["required"]
+    required = workflow_runner.input_types(USORemoteGenerate)["required"]
     for name, value in values.items():
         if name.endswith(":control"):
             continue
@@ -180,7 +182,7 @@ def test_outputs_do_not_carry_the_key(remote_env, monkeypatch):
     with fal_server(monkeypatch) as fal:
         images, seed = run_node()
     assert isinstance(seed, int) and isinstance(images, torch.Tensor)
-    assert fal.key not in repr(USORemoteGenerate.INPUT_TYPES()) + USORemoteGenerate.DESCRIPTION
+    assert fal.key not in repr(workflow_runner.input_types(USORemoteGenerate)) + USORemoteGenerate.DESCRIPTION
 
 
 @pytest.mark.parametrize("path", [UI_WORKFLOW, API_WORKFLOW])

@@ -47,7 +47,7 @@ def test_ui_workflow_matches_the_node_schemas(path):
                     continue
                 kind = wr.input_type(cls, name)
                 if kind == "COMBO":
-                    spec = cls.INPUT_TYPES().get("required", {}).get(name) or cls.INPUT_TYPES()["optional"][name]
+                    spec = wr.input_types(cls).get("required", {}).get(name) or wr.input_types(cls)["optional"][name]
                     if name not in ("transformer", "vae", "t5", "clip_l", "siglip", "uso_lora", "projector", "lora_name"):
                         assert value in spec[0], (n["type"], name, value)
                 else:

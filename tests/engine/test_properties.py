@@ -18,9 +18,8 @@ from PIL import Image
 
 from nodes.comfyui import image_convert
 from nodes.engine import InputError, positions, subject
-from nodes.engine.limits import WIDTH
 from nodes.engine.pipeline import SubjectEncoding, USOPipeline
-from nodes.comfyui.generate_node import check_size
+from nodes.engine.limits import WIDTH
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODES = ["RGB", "RGBA", "L", "P", "LA", "1", "CMYK"]
@@ -104,7 +103,7 @@ def test_keep_size_output_is_a_valid_size_or_a_clear_error(w, h, long_side):
 @SETTINGS
 @given(value=st.one_of(st.integers(-100, 5000), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3)))
 def test_generate_size_check_accepts_exactly_the_valid_sizes(value):
-    problem = check_size("width", value)
+    problem = WIDTH.problem(value)  # what USO Generate refuses a width with
     valid = isinstance(value, int) and not isinstance(value, bool) and WIDTH.low <= value <= WIDTH.high \
         and value % 16 == 0
     assert (problem is None) == valid

@@ -2,6 +2,7 @@
 as ComfyUI calls them, images made the way ComfyUI's Load Image makes them, and state checks."""
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 import zlib
@@ -40,11 +41,14 @@ def single_thread():
 
 
 def node(node_id: str):
-    return NODE_CLASS_MAPPINGS[node_id]()
+    """Calls the node as ComfyUI runs it: node(id)(*inputs, unique_id=..., **inputs) -> outputs tuple."""
+    from workflow_runner import run_node
+
+    return functools.partial(run_node, NODE_CLASS_MAPPINGS[node_id])
 
 
 def load(**overrides):
-    (pipe,) = node("USOLoadModels").load(**{**LOADER, **overrides}, unique_id="1")
+    (pipe,) = node("USOLoadModels")(**{**LOADER, **overrides}, unique_id="1")
     return pipe
 
 
@@ -63,18 +67,18 @@ def image(w: int, h: int, seed: int = 0, channels: int = 3, batch: int = 1) -> t
 
 
 def encode_style(model, img, crop="reference", previous=None):
-    return node("USOEncodeStyle").encode(model, img, crop, previous=previous)[0]
+    return node("USOEncodeStyle")(model, img, crop, previous=previous)[0]
 
 
 def encode_subject(model, img, long_side=64, previous=None):
-    return node("USOEncodeSubject").encode(model, img, long_side, "mean", 0, previous=previous)[0]
+    return node("USOEncodeSubject")(model, img, long_side, "mean", 0, previous=previous)[0]
 
 
 def generate(model, **kw):
     args = dict(prompt="a cat", width=32, height=32, keep_size=False, steps=2, guidance=4.0, seed=1,
                 batch_size=1, unique_id="4")
     args.update(kw)
-    return node("USOGenerate").generate(model, **args)
+    return node("USOGenerate")(model, **args)
 
 
 def loaded_with_reference(seed: int, steps: int = 2):

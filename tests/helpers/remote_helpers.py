@@ -88,8 +88,10 @@ def node_inputs(**overrides) -> dict:
 
 def run_node(**overrides):
     """Call the node the way ComfyUI does: instance, then FUNCTION with the input values."""
-    node = USORemoteGenerate()
-    return getattr(node, USORemoteGenerate.FUNCTION)(**node_inputs(**overrides))
+    from workflow_runner import run_node as run
+
+    inputs = node_inputs(**overrides)
+    return run(USORemoteGenerate, unique_id=inputs.pop("unique_id", None), **inputs)
 
 
 def press_cancel_after(seconds: float) -> threading.Timer:

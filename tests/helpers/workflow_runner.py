@@ -106,6 +106,75 @@ CORE_WIDGETS = {"LoadImage": ["image", "upload"], "SaveImage": ["filename_prefix
 UI_ONLY = {"Note", "MarkdownNote"}
 
 
+# -- running one node like ComfyUI 0.8.0 ------------------------------------------------------
+
+
+def is_v3(cls) -> bool:
+    from comfy_api.internal import _ComfyNodeInternal
+
+    return isinstance(cls, type) and issubclass(cls, _ComfyNodeInternal)
+
+
+def input_types(cls) -> dict:
+    """The node's INPUT_TYPES in the V1 shape the saved workflows were made with: a combo as
+    (list of choices, options); V3 nodes give ("COMBO", {"options": [...], ...})."""
+    out = {}
+    for section, inputs in cls.INPUT_TYPES().items():
+        if section == "hidden":
+            out[section] = {name: spec[0] if isinstance(spec, tuple) else spec for name, spec in inputs.items()}
+            continue
+        out[section] = {}
+        for name, (kind, *rest) in inputs.items():
+            options = dict(rest[0]) if rest else {}
+            if kind == "COMBO":
+                kind = list(options.pop("options"))
+            out[section][name] = (kind, options)
+    return out
+
+
+def run_node(cls, *args, unique_id: str | None = None, **kwargs) -> tuple:
+    """Execute one node as ComfyUI's executor does: a V3 node on a locked clone of its class with
+    its hidden inputs (unique_id) set, through EXECUTE_NORMALIZED; returns the outputs tuple.
+    Positional arguments follow the schema's input order (required, then optional)."""
+    from comfy_api.internal import make_locked_method_func
+
+    if args:
+        types = cls.INPUT_TYPES()
+        names = [*types.get("required", {}), *types.get("optional", {})]
+        kwargs = {**dict(zip(names, args)), **kwargs}
+    clone = cls.PREPARE_CLASS_CLONE({"hidden_inputs": {"UNIQUE_ID": unique_id}})
+    out = make_locked_method_func(cls, cls.FUNCTION, clone)(**kwargs)
+    return tuple(out.result or ())
+
+
+def validation_errors(cls, inputs: dict) -> list[dict]:
+    """What ComfyUI 0.8.0's validate_inputs reports for a node's widget values: ranges and combo
+    lists of inputs its validate_inputs does not take, then the validator's verdict once per
+    argument it takes (execution.py). [{"input_name", "details"}]"""
+    import inspect
+
+    from comfy_api.internal import first_real_override
+
+    validator = first_real_override(cls, "validate_inputs")
+    taken = inspect.getfullargspec(validator).args[1:] if validator else []
+    types = cls.INPUT_TYPES()
+    errors = []
+    for section in ("required", "optional"):
+        for name, (kind, options) in types.get(section, {}).items():
+            if name not in inputs or name in taken:
+                continue
+            value = inputs[name]
+            if kind == "COMBO" and value not in options["options"]:
+                errors.append({"input_name": name, "details": f"{name}: '{value}' not in list"})
+            elif kind in ("INT", "FLOAT") and not options["min"] <= value <= options["max"]:
+                errors.append({"input_name": name, "details": f"Value {value} outside {options['min']}..{options['max']}"})
+    if taken:
+        verdict = validator(**{k: inputs[k] for k in taken if k in inputs})
+        if verdict is not True:
+            errors += [{"input_name": name, "details": f"{name} - {verdict}"} for name in taken if name in inputs]
+    return errors
+
+
 # -- API format --------------------------------------------------------------------------------
 
 
@@ -136,16 +205,13 @@ def run_api_workflow(prompt: dict, node_classes: dict, overrides: dict | None = 
         for (nid, name), value in overrides.items():
             if nid == node_id:
                 kwargs[name] = value
-        if "hidden" in cls.INPUT_TYPES() and "unique_id" in cls.INPUT_TYPES()["hidden"]:
-            kwargs["unique_id"] = node_id
-        validate = getattr(cls, "VALIDATE_INPUTS", None)
-        if validate is not None:
-            import inspect
-            accepted = inspect.getfullargspec(validate).args
-            verdict = validate(**{k: v for k, v in kwargs.items() if k in accepted})
-            if verdict is not True:
-                raise ValueError(f"node {node_id} failed validation: {verdict}")
-        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        if is_v3(cls):
+            constants = {k: v for k, v in kwargs.items() if not isinstance(node["inputs"].get(k), list)}
+            if errors := validation_errors(cls, constants):
+                raise ValueError(f"node {node_id} failed validation: {errors}")
+            results[node_id] = run_node(cls, unique_id=node_id, **kwargs)
+            return results[node_id]
+        out = getattr(cls(), cls.FUNCTION)(**kwargs)  # the core stand-ins (V1)
         if isinstance(out, dict):
             out = out.get("result", ())
         results[node_id] = tuple(out)
@@ -162,13 +228,13 @@ def run_api_workflow(prompt: dict, node_classes: dict, overrides: dict | None = 
 def widget_names(cls) -> list[str]:
     """The widget inputs in the order the frontend stores them (required then optional), with the
     hidden control_after_generate value after `seed`/`noise_seed` or flagged INT inputs."""
-    types = cls.INPUT_TYPES()
+    types = input_types(cls)
     names = []
     for section in ("required", "optional"):
         for name, spec in types.get(section, {}).items():
             kind = spec[0]
             options = spec[1] if len(spec) > 1 else {}
-            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+            if isinstance(kind, list) or kind in ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN"):
                 names.append(name)
                 if kind == "INT" and (name in ("seed", "noise_seed") or options.get("control_after_generate")):
                     names.append("control_after_generate")
@@ -176,15 +242,15 @@ def widget_names(cls) -> list[str]:
 
 
 def output_types(cls) -> tuple:
-    return cls.RETURN_TYPES
+    return tuple(cls.RETURN_TYPES)
 
 
 def input_type(cls, name: str):
-    types = cls.INPUT_TYPES()
+    types = input_types(cls)
     for section in ("required", "optional"):
         if name in types.get(section, {}):
             kind = types[section][name][0]
-            return "COMBO" if isinstance(kind, list) else kind
+            return "COMBO" if isinstance(kind, list) else kind  # V1 lists, V3 "COMBO"
     return None
 
 

@@ -21,6 +21,13 @@ FILE_SLOTS = ("transformer", "vae", "t5", "clip_l", "siglip", "uso_lora", "proje
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
+def _choices(spec) -> list | None:
+    """A combo's choices: a V1 list, or a V3 ("COMBO", {"options": [...]}); None for other inputs."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    return spec[1].get("options") if spec[0] == "COMBO" else None
+
+
 @pytest.fixture(scope="module")
 def object_info(comfy):
     return comfy.object_info()
@@ -49,7 +56,7 @@ def test_every_node_is_listed_with_its_schema(object_info, in_process_schemas):
     for node, cls in NODE_CLASS_MAPPINGS.items():
         info = object_info[node]
         assert info["category"] == cls.CATEGORY
-        assert info["display_name"] == cls.DISPLAY_NAME
+        assert info["display_name"] == cls.GET_SCHEMA().display_name
         assert info["output"] == list(cls.RETURN_TYPES)
         assert info["output_name"] == list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))
         assert info["output_node"] == bool(getattr(cls, "OUTPUT_NODE", False))
@@ -59,9 +66,9 @@ def test_every_node_is_listed_with_its_schema(object_info, in_process_schemas):
             assert info["input_order"].get(section, []) == list(expected.get(section, {})), (node, section)
             for name, spec in expected.get(section, {}).items():
                 served = info["input"][section][name]
-                if isinstance(spec[0], list):  # a combo: the same choices, found by folder_paths in ComfyUI
-                    assert sorted(served[0]) == sorted(spec[0]), (node, name)
-                    assert served[1:] == spec[1:], (node, name)
+                if _choices(spec) is not None:  # a combo: the same choices, found by folder_paths in ComfyUI
+                    assert sorted(_choices(served)) == sorted(_choices(spec)), (node, name)
+                    assert {**served[1], "options": None} == {**spec[1], "options": None}, (node, name)
                 else:
                     assert served == spec, (node, name)
 
@@ -82,8 +89,8 @@ def test_model_combos_list_the_tiny_files(comfy, comfy_stage):
         "projector": ["uso-flux1-projector-v1.safetensors", "uso_flux_v1.0/projector.safetensors"],
     }
     for slot, names in expected.items():
-        missing = set(names) - set(inputs[slot][0])
-        assert not missing, f"{slot}: {sorted(missing)} not offered; offered {inputs[slot][0]}"
+        missing = set(names) - set(_choices(inputs[slot]))
+        assert not missing, f"{slot}: {sorted(missing)} not offered; offered {_choices(inputs[slot])}"
     # .gguf files reach the list through the folder the pack registers with folder_paths.
     if "flux1-dev-Q8_0.gguf" in expected["transformer"]:
         assert "flux1-dev-Q8_0.gguf" in comfy.get(f"/models/{bridge.GGUF_FOLDER}")
@@ -94,10 +101,10 @@ def test_a_new_model_file_appears_after_a_refresh_and_a_wrong_one_is_refused_by_
     its Refresh button re-fetches /object_info. The pack lists through those caches."""
     name = "not_a_flux_transformer.safetensors"
     target = comfy_stage.models_dir / "diffusion_models" / name
-    assert name not in comfy.object_info("USOLoadModels")["input"]["required"]["transformer"][0]
+    assert name not in _choices(comfy.object_info("USOLoadModels")["input"]["required"]["transformer"])
     shutil.copy2(comfy_stage.tiny_models.paths["t5_fp16"], target)
     try:
-        assert name in comfy.object_info("USOLoadModels")["input"]["required"]["transformer"][0]
+        assert name in _choices(comfy.object_info("USOLoadModels")["input"]["required"]["transformer"])
         prompt = rc.tiny_prompt(rc.load_workflow(rc.WORKFLOWS / "api" / "uso_style.json"))
         prompt[rc.node_id(prompt, "USOLoadModels")]["inputs"]["transformer"] = name
         run = comfy.run(prompt)
@@ -108,7 +115,7 @@ def test_a_new_model_file_appears_after_a_refresh_and_a_wrong_one_is_refused_by_
         assert "Traceback" not in message
     finally:
         target.unlink()
-    assert name not in comfy.object_info("USOLoadModels")["input"]["required"]["transformer"][0]
+    assert name not in _choices(comfy.object_info("USOLoadModels")["input"]["required"]["transformer"])
 
 
 # -- the template browser -------------------------------------------------------------------------
@@ -155,9 +162,9 @@ def test_templates_are_served_and_open_without_missing_nodes(comfy, object_info)
                 continue
             for name, value in zip(names, values):
                 spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}.get(name)
-                if spec is None or not isinstance(spec[0], list):
+                if spec is None or _choices(spec) is None:
                     continue
-                assert value in spec[0], f"{path.name}: {node['type']}.{name} = {value!r} is not available"
+                assert value in _choices(spec), f"{path.name}: {node['type']}.{name} = {value!r} is not available"
                 if node["type"] == "USOLoadModels" and name in FILE_SLOTS and value != "(from checkpoint)":
                     # Each model file of an active loader is declared, so a user without it gets the dialog.
                     assert any(value.endswith(model_name) for _d, model_name in declared), (path.name, name, value)
@@ -197,9 +204,9 @@ def _check_files_are_placed(name: str, prompt: dict, object_info: dict) -> None:
         specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
         for inp, value in node["inputs"].items():
             spec = specs.get(inp)
-            if spec is None or isinstance(value, list) or not isinstance(spec[0], list):
+            if spec is None or isinstance(value, list) or _choices(spec) is None:
                 continue
-            assert value in spec[0], (
+            assert value in _choices(spec), (
                 f"workflows/api/{name}: node {nid} ({node['class_type']}) input '{inp}' names {value!r}, which "
                 f"this stage does not provide in ComfyUI. Model files come from tests/helpers/tiny_models.py "
                 f"(its models/ tree is copied into ComfyUI's models/), images from IMAGE_SIZES in "
@@ -319,23 +326,33 @@ def test_free_unloads_and_the_next_run_is_identical(comfy):
 
 # -- bad input --------------------------------------------------------------------------------------
 
-def test_a_bad_width_is_reported_with_our_message(comfy):
-    prompt = rc.tiny_prompt(rc.load_workflow(rc.WORKFLOWS / "api" / "uso_style.json"), width=1000)
+def test_a_bad_value_is_reported_once_under_its_input(comfy):
+    prompt = rc.tiny_prompt(rc.load_workflow(rc.WORKFLOWS / "api" / "uso_style.json"), width=8192)
     generate = rc.node_id(prompt, "USOGenerate")
-    # A widget value: refused by the node's own validation before the run (POST /prompt answers 400).
+    # Out of range: ComfyUI's own check of that input, before the run (POST /prompt answers 400),
+    # one error under it (0.8.0 repeats a validate_inputs verdict under every argument it takes).
     with pytest.raises(rc.PromptRejected) as rejected:
         comfy.queue(prompt)
-    details = [e["details"] for e in rejected.value.body["node_errors"][generate]["errors"]]
-    print(f"\n[width 1000, widget] {details}")
-    assert any("width: 1000 is not a multiple of 16" in d and "1008" in d for d in details), details
+    errors = rejected.value.body["node_errors"][generate]["errors"]
+    print(f"\n[width 8192] {[(e['extra_info'].get('input_name'), e['message'], e['details']) for e in errors]}")
+    assert [e["extra_info"]["input_name"] for e in errors] == ["width"], errors
     assert "Traceback" not in json.dumps(rejected.value.body)
-    # The same value from a linked node is only known at run time: the error reaches /history.
-    prompt["width_source"] = {"class_type": "PrimitiveInt", "inputs": {"value": 1000}}
-    prompt[generate]["inputs"]["width"] = ["width_source", 0]
+    # Not a multiple of 16: one error naming width, from USO Generate as soon as it runs.
+    prompt[generate]["inputs"]["width"] = 1000
     run = comfy.run(prompt)
     assert run.status == "error", run.describe()
     err = run.error
-    print(f"[width 1000, linked] {err['node_type']}: {err['exception_message'].strip()}")
+    print(f"[width 1000] {err['node_type']}: {err['exception_message'].strip()}")
     assert err["node_type"] == "USOGenerate"
-    assert err["exception_message"].startswith("width: 1000 is not a multiple of 16")
-    assert "Traceback" not in err["exception_message"] and 'File "' not in err["exception_message"]
+    assert err["exception_message"].strip() == ("width: 1000 is not a multiple of 16 (FLUX works on 16 px patches; "
+                                                "1024 is USO's native size); use 992 or 1008.")
+    # The single-input rule of USO Encode Subject stays a validation error, once, under long_side.
+    prompt = rc.tiny_prompt(rc.load_workflow(rc.WORKFLOWS / "api" / "uso_subject.json"))
+    subject = rc.node_id(prompt, "USOEncodeSubject")
+    prompt[subject]["inputs"]["long_side"] = 500
+    with pytest.raises(rc.PromptRejected) as rejected:
+        comfy.queue(prompt)
+    errors = rejected.value.body["node_errors"][subject]["errors"]
+    print(f"[long_side 500] {[(e['extra_info'].get('input_name'), e['details']) for e in errors]}")
+    assert [e["extra_info"]["input_name"] for e in errors] == ["long_side"], errors
+    assert "long_side: 500 is not a multiple of 16" in errors[0]["details"]

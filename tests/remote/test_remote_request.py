@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from remote_helpers import aiml_server, fal_server, image, remote_env, run_node  # noqa: F401
 
-from nodes.remote import InputProblem
+from nodes.remote import InputError
 from nodes.remote.errors import ProviderError
 from nodes.remote.images import (MAX_ENCODED_BYTES, MAX_PIXELS, decode_data_uri, decode_results,
                                  encode_for_upload, to_data_uri)
@@ -97,7 +97,7 @@ def test_keep_size_without_subject_is_dropped_with_a_warning():
     ({"has_subject": False, "style_count": 0}, "No input image: connect subject_image"),
 ])
 def test_values_that_cannot_be_fixed_are_refused(over, words):
-    with pytest.raises(InputProblem) as err:
+    with pytest.raises(InputError) as err:
         _req(**over)
     assert words in str(err.value)
 
@@ -109,7 +109,7 @@ def test_values_that_cannot_be_fixed_are_refused(over, words):
 ])
 def test_node_refuses_before_any_request(remote_env, monkeypatch, over, words):
     with fal_server(monkeypatch) as fal:
-        with pytest.raises(InputProblem, match=words.replace("(", r"\(")):
+        with pytest.raises(InputError, match=words.replace("(", r"\(")):
             run_node(**over)
         assert fal.requests == []
 
