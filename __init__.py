@@ -9,4 +9,8 @@ pack is imported relatively.
 if __package__:
     from .nodes.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    # Served at /extensions/<pack folder>/: the node help pages (docs/<node id>.md) the frontend's
+    # node library shows. No .js there, so no frontend code is loaded.
+    WEB_DIRECTORY = "./web"
+
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
