@@ -10,18 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from browser_pages import declared_models
+
 ROOT = Path(__file__).resolve().parents[2]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
-
-
-def declared_models(wf: dict) -> list[dict]:
-    """The entries the frontend keeps: node entries whose name is a widget value, plus the
-    workflow-level ones."""
-    kept = []
-    for node in wf["nodes"]:
-        values = {v for v in node.get("widgets_values", []) if isinstance(v, str)}
-        kept += [m for m in node.get("properties", {}).get("models", []) if m["name"] in values]
-    return kept + wf.get("models", [])
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)

@@ -11,6 +11,7 @@ as custom_nodes/comfyui-uso.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -24,6 +25,21 @@ TITLE_HEIGHT = 30
 
 class BrowserMissing(RuntimeError):
     pass
+
+
+def load_template(name: str) -> dict:
+    return json.loads((PACK_ROOT / "workflows" / f"{name}.json").read_text("utf-8"))
+
+
+def declared_models(wf: dict) -> list[dict]:
+    """The `properties.models` / `models` entries ComfyUI's frontend (1.35.9) reads for its
+    missing-models dialog: a node's entry only where its `name` equals one of that node's widget
+    values, then every workflow-level entry."""
+    kept = []
+    for node in wf["nodes"]:
+        values = {v for v in node.get("widgets_values", []) if isinstance(v, str)}
+        kept += [m for m in node.get("properties", {}).get("models", []) if m["name"] in values]
+    return kept + wf.get("models", [])
 
 
 def chromium_path() -> str:
@@ -48,9 +64,13 @@ def wait_for_app(page, timeout_ms: int = 90_000) -> None:
 def open_template(page, base_url: str, name: str, source: str = PACK_NAME) -> None:
     """Open a template the way the template browser does (`?template=NAME&source=PACK`) and wait
     until its nodes are on the canvas."""
+    ids = sorted(n["id"] for n in load_template(name)["nodes"])
     page.goto(f"{base_url}/?template={name}&source={source}")
     wait_for_app(page)
-    page.wait_for_function("() => window.app.graph._nodes.length > 0", timeout=60_000)
+    # The default graph is on the canvas first; the template replaces it.
+    page.wait_for_function("""(ids) => JSON.stringify(window.app.graph._nodes.map(n => Number(n.id)).sort((a, b) => a - b))
+                               === JSON.stringify(ids) && window.app.graph._nodes.some(n => n.type.startsWith('USO'))""",
+                           arg=ids, timeout=60_000)
     page.wait_for_timeout(500)  # the frontend resizes nodes to their computed size right after loading
 
 
@@ -90,7 +110,9 @@ def set_widget(page, node_type: str, widget: str, value) -> None:
 
 
 def run_command(page, command_id: str) -> None:
-    page.evaluate("(id) => window.app.extensionManager.command.execute(id)", command_id)
+    """Start a frontend command, as its menu entry or key does (not waiting for it: some commands
+    wait for the user, e.g. for a file name)."""
+    page.evaluate("(id) => { window.app.extensionManager.command.execute(id); }", command_id)
 
 
 def save_thumbnail(page, path: Path, width: int = 1024) -> None:
@@ -100,6 +122,7 @@ def save_thumbnail(page, path: Path, width: int = 1024) -> None:
     from PIL import Image
 
     run_command(page, "Workspace.ToggleFocusMode")
+    page.wait_for_timeout(300)
     run_command(page, "Comfy.Canvas.FitView")
     page.wait_for_timeout(300)
     clip = page.evaluate("""(title) => {
