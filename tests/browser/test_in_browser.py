@@ -177,14 +177,15 @@ def test_cancel_stops_a_long_run(comfy, page):
 
 
 def test_bad_width_in_an_opened_workflow_shows_one_message_naming_width(comfy, page):
-    bp.open_template(page, comfy.url, "uso_style")
-    workflow = page.evaluate("() => window.app.graph.serialize()")
     # A saved workflow with width 1000 (the widget itself snaps typed values to its step of 16).
+    workflow = bp.load_template("uso_style")
     generate = next(n for n in workflow["nodes"] if n["type"] == "USOGenerate")
     generate["widgets_values"][1] = 1000
+    page.goto(comfy.url + "/")
+    bp.wait_for_app(page)
     page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)
     page.wait_for_function("""() => window.app.graph._nodes.find(n => n.type === 'USOGenerate')
-                                   .widgets.find(w => w.name === 'width').value === 1000""", timeout=30_000)
+                                   ?.widgets.find(w => w.name === 'width').value === 1000""", timeout=30_000)
     press_run(page)
     dialog = page.get_by_role("dialog").filter(has_text="Prompt outputs failed validation")
     dialog.wait_for(state="visible", timeout=30_000)
