@@ -27,18 +27,24 @@ sys.path.append(str(_comfy_api_source()))
 
 
 _REAL_COMFYUI = _HERE / "real_comfyui"
+_BROWSER = _HERE / "browser"
 
 
 def pytest_addoption(parser):
     parser.addoption("--real-comfyui", action="store_true",
                      help="run the real-ComfyUI stage (tests/real_comfyui): ComfyUI 0.8.0 servers started "
                           "through ../shared/tools/comfyui_here.sh")
+    parser.addoption("--browser", action="store_true",
+                     help="run the browser stage (tests/browser): ComfyUI's web frontend in headless Chromium "
+                          "against a real ComfyUI server")
 
 
 def pytest_ignore_collect(collection_path, config):
     # The real-ComfyUI stage starts ComfyUI servers; it runs only when asked for (the README's test
     # command runs it as a second pytest call), never as part of the plain `pytest` run.
     if collection_path == _REAL_COMFYUI and not config.getoption("--real-comfyui"):
+        return True
+    if collection_path == _BROWSER and not config.getoption("--browser"):
         return True
     return None
 

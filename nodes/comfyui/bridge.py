@@ -8,6 +8,7 @@ modules and in a real server.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -128,8 +129,9 @@ def shipped_tokenizer_dirs() -> dict[str, str]:
     """The CLIP-L and T5 tokenizer folders ComfyUI ships, when running inside ComfyUI."""
     if _mm is None:
         return {}
-    # `comfy` is a namespace package (no __file__); model_management.py lives in it.
-    return model_catalog.comfy_tokenizer_dirs(os.path.dirname(os.path.abspath(_mm.__file__)))
+    # `comfy` is a namespace package (no __file__); model_management.py lives in it. inspect.getfile
+    # rather than the module's __file__: ComfyUI's import guard cannot see module dunders.
+    return model_catalog.comfy_tokenizer_dirs(os.path.dirname(os.path.abspath(inspect.getfile(_mm))))
 
 
 # ---------------------------------------------------------------------------------------------
