@@ -1,4 +1,4 @@
-"""Precision and placement modes (nodes/engine/memory.py) on tiny random-weight models.
+"""Precision and placement modes (nodes/engine/memory/) on tiny random-weight models.
 
 Tolerances (stated here, checked below):
 - Placement modes (gpu, model_offload, group_offload; encoders resident or streamed) only decide
