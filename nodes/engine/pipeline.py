@@ -169,15 +169,13 @@ class USOPipeline:
         others = [self.vae, self.t5, self.clip, self.siglip, self.projector]
         encoders = [self.t5, self.clip, self.siglip, self.projector]
         self.memory_plan = memory.plan_memory(
-            options.memory, options.encoders, self.device, memory.module_bytes(self.transformer),
-            sum(memory.module_bytes(m) for m in encoders), memory.module_bytes(self.vae),
-            transformer_quantized=self._quantized(),
+            options.memory, options.encoders, self.device,
+            memory.ModelSizes.of(self.transformer, self.vae, encoders, self._quantized()),
             free_bytes=hooks.available_bytes(self.device)
             if hooks and hooks.available_bytes and self.device.type != "cpu" else None)
-        if self.memory_plan.mode != "gpu":
-            # Offloading is slower; the reason says whether fp8 or GGUF weights would avoid it.
-            logging.getLogger("uso.engine").warning("memory: %s (%s)", self.memory_plan.mode,
-                                                    self.memory_plan.reason)
+        # Offloading is slower; the reason says whether fp8 or GGUF weights would avoid it.
+        logging.getLogger("uso.engine").log(logging.INFO if self.memory_plan.mode == "gpu" else logging.WARNING,
+                                            "memory plan: %s", self.memory_plan.summary())
         self.memory_mode = self.memory_plan.mode
         self.placement = memory.Placement(self.memory_mode, self.device, self.memory_plan.encoders,
                                           self.memory_plan.pin_budget_bytes,
@@ -551,7 +549,7 @@ class USOPipeline:
         the memory mode that would fit."""
         try:
             return work()
-        except torch.OutOfMemoryError:
+        except memory.OUT_OF_MEMORY:
             pass  # leave the except block first: the error's traceback holds the failed run's tensors
         with self._lock:
             gc.collect()

@@ -18,20 +18,21 @@ Memory modes (`MEMORY_MODES`):
 - "model_offload": one model on the GPU at a time; the encoders are streamed.
 - "group_offload": the transformer is streamed block by block every step; the VAE stays; the
   encoders are streamed.
-- "auto": the fastest of these that fits the free memory with a margin (`plan_memory`).
+- "auto": the fastest of these whose peak (weights on the device plus the largest job's working
+  memory) fits the free memory (`plan_memory`).
 
 On a machine without a GPU nothing moves; the offload modes still install their diffusers hooks
 (with the CPU as both places), which is how the tests check that they leave the result unchanged.
 """
 from __future__ import annotations
 
-from .placement import DeviceHooks, Placement, has_group_offload
+from .placement import OUT_OF_MEMORY, DeviceHooks, Placement, has_group_offload
 from .plan import (DEFAULT_MARGIN_BYTES, ENCODER_PLACEMENTS, HOST_RESERVE_BYTES, MAX_PINNED_SHARE,
-                   MEMORY_MODES, HostMemory, MemoryPlan, free_memory, host_memory, module_bytes,
-                   pin_budget, plan_memory)
+                   MEMORY_MODES, HostMemory, MemoryPlan, ModelSizes, ModuleSize, free_memory, host_memory,
+                   module_bytes, pin_budget, pinned_bytes, plan_memory)
 from .precision import PRECISIONS, Precision, native_bf16, resolve_device, resolve_precision
 
-__all__ = ["DeviceHooks", "Placement", "has_group_offload", "DEFAULT_MARGIN_BYTES", "ENCODER_PLACEMENTS",
+__all__ = ["OUT_OF_MEMORY", "ModelSizes", "ModuleSize", "pinned_bytes", "DeviceHooks", "Placement", "has_group_offload", "DEFAULT_MARGIN_BYTES", "ENCODER_PLACEMENTS",
            "HOST_RESERVE_BYTES", "MAX_PINNED_SHARE", "MEMORY_MODES", "HostMemory", "MemoryPlan",
            "free_memory", "host_memory", "module_bytes", "pin_budget", "plan_memory", "PRECISIONS",
            "Precision", "native_bf16", "resolve_device", "resolve_precision"]

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .plan import MEMORY_MODES, module_bytes
+from .plan import MEMORY_MODES, module_bytes, pinned_bytes, streamed_bytes
+
+#: The device's out-of-memory error. `torch.OutOfMemoryError` is an alias of it only from torch 2.5;
+#: the pack runs on torch 2.4, where naming that alias in an `except` clause would turn any error
+#: (a cancel included) into an AttributeError.
+OUT_OF_MEMORY = torch.cuda.OutOfMemoryError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +144,7 @@ class Placement:
         group_offloading = _group_offloading_module()
         # With a CUDA stream diffusers keeps a pinned *copy* of every weight (low_cpu_mem_usage
         # False); past the pin budget it pins each group only while it is transferred instead.
-        pinned = self.use_stream and self._take_pin_budget(module_bytes(module))
+        pinned = self.use_stream and self._take_pin_budget(pinned_bytes(module))
         kwargs = dict(onload_device=self.device, offload_device=self._offload_device,
                       offload_type=offload_type, use_stream=self.use_stream,
                       record_stream=self.use_stream, non_blocking=self.use_stream,
@@ -153,7 +158,7 @@ class Placement:
         """Pinned host copies of a module's tensors: onloading is one fast copy each way in, and
         offloading only points the tensors back at them (inference never writes weights)."""
         tensors = []
-        pin = self.device.type == "cuda" and self._take_pin_budget(module_bytes(module))
+        pin = self.device.type == "cuda" and self._take_pin_budget(pinned_bytes(module))
         for t in [*module.parameters(), *module.buffers()]:
             data = t.data.to(self._offload_device)
             if pin:
@@ -167,7 +172,8 @@ class Placement:
 
     def _take_pin_budget(self, nbytes: int) -> bool:
         """Whether a module's host copies may be page-locked (whole modules: a module is either
-        fast to move or not), counting them against the budget when they may."""
+        fast to move or not), counting them (`nbytes`: as the allocator rounds them) against the
+        budget when they may."""
         if self.pin_budget_bytes is not None and self.pinned_bytes + nbytes > self.pin_budget_bytes:
             return False
         self.pinned_bytes += nbytes
@@ -201,20 +207,7 @@ class Placement:
         """Bytes `module` needs on the device while it runs: all its weights, or for a streamed
         module its two largest groups (the one running and the one prefetched)."""
         kind = self._streamed.get(id(module))
-        if kind is None:
-            return module_bytes(module)
-        if kind == "block_level":
-            blocks = [b for child in module.children() if isinstance(child, (nn.ModuleList, nn.Sequential))
-                      for b in child]
-            in_blocks = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
-            rest = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
-                       if id(t) not in in_blocks)
-            groups = [module_bytes(b) for b in blocks] + [rest]
-        else:  # leaf_level: every module holding tensors of its own is a group
-            groups = [sum(t.numel() * t.element_size() for t in [*m.parameters(recurse=False),
-                                                                 *m.buffers(recurse=False)])
-                      for m in module.modules()]
-        return sum(sorted(groups)[-2:])
+        return module_bytes(module) if kind is None else streamed_bytes(module, kind)
 
     def bytes_on_device(self, module: nn.Module) -> int:
         """Bytes of `module`'s weights on the device now (a streamed module between runs: none)."""
