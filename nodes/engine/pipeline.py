@@ -20,7 +20,7 @@ from PIL import Image
 
 from . import fp8, lora, memory, positions, sampler, schedule, speed, style, subject, text, vae
 from .gguf_files import is_quantized
-from .model_set import LoadedModels, ModelFiles, load_models
+from .model_set import LoadedModels, ModelFiles, file_storage, load_models
 from .user_lora import UserLora, read_user_lora
 from .errors import InputError, ModelFileError, OutOfMemoryError
 
@@ -140,7 +140,8 @@ class USOPipeline:
         """`hooks`: how a host (ComfyUI) shares the device; None outside one."""
         self.options = options
         self.device = memory.resolve_device(options.device)
-        self.precision = memory.resolve_precision(options.precision, self.device)
+        # Loaded models carry the precision their files were read in (`auto` follows the files).
+        self.precision = models.precision or memory.resolve_precision(options.precision, self.device)
         self._lock = threading.RLock()
         self._prompt_cache = _LRU(8)
         self._style_cache = _LRU(32)
@@ -189,7 +190,8 @@ class USOPipeline:
     def from_files(cls, files: ModelFiles, options: EngineOptions = EngineOptions(),
                    on_load_step: Callable[[str], None] | None = None,
                    hooks: memory.DeviceHooks | None = None) -> "USOPipeline":
-        precision = memory.resolve_precision(options.precision, memory.resolve_device(options.device))
+        precision = memory.resolve_precision(options.precision, memory.resolve_device(options.device),
+                                             file_storage(files))
         models = load_models(files, precision, options.comfy_tokenizer_dirs, on_load_step)
         return cls(models, options, hooks)
 
