@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--precision", choices=PRECISIONS, default="auto")
     models.add_argument("--memory", choices=MEMORY_MODES, default="auto")
     models.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    models.add_argument("--plan", action="store_true", help="print what memory and precision 'auto' pick for "
+                        "each file set on 8-80 GB cards and 16-64 GB hosts (the models at full size on meta "
+                        "tensors; nothing is loaded), then exit")
 
     rem = p.add_argument_group("remote (fal / AIML; keys from FAL_KEY / AIML_API_KEY or USO_REMOTE_KEYS_FILE)")
     rem.add_argument("--provider", choices=("fal", "aiml"), help="generate on fal or AIML instead of locally")
@@ -285,6 +288,10 @@ def _check_remote_key(kind: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan:
+        from ..engine.memory import full_size
+        print(full_size.markdown(full_size.plan_table()), end="")
+        return 0
     kind = _kind(args)
     problems = _check_flags(args)
     if problems:

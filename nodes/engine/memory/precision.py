@@ -56,16 +56,19 @@ def native_bf16(device: torch.device) -> bool:
     return major >= 8
 
 
-def resolve_precision(precision: str, device: torch.device, stored: FileStorage | None = None) -> Precision:
+def resolve_precision(precision: str, device: torch.device, stored: FileStorage | None = None,
+                      native: bool | None = None) -> Precision:
     """The dtypes for `precision` on `device`. "auto": fp32 on the CPU; on a GPU an fp8 or scaled
     fp8 file keeps fp8 storage (transformer and T5) and 16-bit files stay 16-bit, computing in bf16
     where the card has it natively, else in fp16. T5 never computes in fp16 (its activations
-    overflow there): on fp16 cards it computes in fp32 from weights stored as the file has them."""
+    overflow there): on fp16 cards it computes in fp32 from weights stored as the file has them.
+    `native`: whether the card runs bf16 natively, for a card that is only simulated (the plan
+    table); None asks `device`."""
     if precision not in PRECISIONS:
         raise InputError(f"precision: '{precision}' is not one of {', '.join(PRECISIONS)}.")
     stored = stored or FileStorage()
     asked = precision
-    bf16_ok = native_bf16(device)
+    bf16_ok = native_bf16(device) if native is None else native
     if precision == "auto":
         if device.type == "cpu":
             precision = "fp32"
