@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .plan import MEMORY_MODES, module_bytes, pinned_bytes, streamed_bytes
+from .plan import (DECODE_WORK_BYTES, ENCODE_WORK_BYTES, MEMORY_MODES, SAMPLING_WORK_BYTES, module_bytes,
+                   pinned_bytes, streamed_bytes)
 
 #: The device's out-of-memory error. `torch.OutOfMemoryError` is an alias of it only from torch 2.5;
 #: the pack runs on torch 2.4, where naming that alias in an `except` clause would turn any error
@@ -95,6 +96,7 @@ class Placement:
         self._resident: list[nn.Module] = []      # kept on the device in "gpu" mode
         self._host: dict[int, list] = {}           # model_offload: host copies of the tensors
         self._onloaded: nn.Module | None = None    # model_offload: the one model on the device
+        self._work: dict[int, int] = {}            # id -> working memory of its job (`work_bytes`)
 
     @property
     def moves(self) -> bool:
@@ -112,6 +114,9 @@ class Placement:
         """Install the mode. `encoders` (a subset of `others`) are streamed unless this is "gpu"
         mode with resident encoders."""
         others = [m for m in others if m is not None]
+        # The working memory of each module's job; the rest of `others` is the VAE (decode).
+        self._work = {id(m): ENCODE_WORK_BYTES for m in (encoders or []) if m is not None}
+        self._work[id(transformer)] = SAMPLING_WORK_BYTES
         stream_encoders = self.mode != "gpu" or self.encoders == "offload"
         streamed = [m for m in (encoders or []) if m is not None] if stream_encoders else []
         if self.mode == "group_offload":
@@ -208,6 +213,11 @@ class Placement:
         module its two largest groups (the one running and the one prefetched)."""
         kind = self._streamed.get(id(module))
         return module_bytes(module) if kind is None else streamed_bytes(module, kind)
+
+    def work_bytes(self, modules: list[nn.Module]) -> int:
+        """Device memory the job running `modules` needs beyond their weights: sampling (the
+        transformer), the VAE decode, or an encoder pass; what a host should keep free for it."""
+        return max((self._work.get(id(m), DECODE_WORK_BYTES) for m in modules), default=0)
 
     def bytes_on_device(self, module: nn.Module) -> int:
         """Bytes of `module`'s weights on the device now (a streamed module between runs: none)."""

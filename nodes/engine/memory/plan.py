@@ -30,9 +30,6 @@ DECODE_WORK_BYTES = 3 * _GIB
 ENCODE_WORK_BYTES = _GIB // 2
 #: Kept free on top of the largest job: the caching allocator's fragmentation and cuBLAS workspaces.
 ALLOCATOR_SLACK_BYTES = 2 * _GIB
-#: The margin of a mode that keeps the transformer resident through the decode ("gpu"): the larger
-#: job plus the slack.
-DEFAULT_MARGIN_BYTES = max(SAMPLING_WORK_BYTES, DECODE_WORK_BYTES) + ALLOCATOR_SLACK_BYTES
 
 #: Host RAM left to the system and other programs when deciding how much to page-lock.
 HOST_RESERVE_BYTES = 4 * _GIB
