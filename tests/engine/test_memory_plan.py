@@ -108,3 +108,14 @@ def test_the_command_line_prints_the_plan_table(rows, capsys):
 
     assert command.main(["--plan"]) == 0
     assert capsys.readouterr().out == full_size.markdown(rows)
+
+
+def test_the_plan_is_logged_when_the_models_load(caplog):
+    from nodes.engine import EngineOptions, USOPipeline
+    from nodes.engine.random_models import build_random_models
+
+    with caplog.at_level("INFO", logger="uso.engine"):
+        pipe = USOPipeline(build_random_models("tiny"), EngineOptions(device="cpu", memory="model_offload"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "uso.engine"]
+    assert lines == [f"memory plan: {pipe.memory_plan.summary()}"]
+    assert lines[0].startswith("memory plan: memory=model_offload, encoders=offload: device peak")

@@ -85,3 +85,16 @@ def test_t5_kept_as_stored_encodes_exactly_as_upcast_at_load(tiny_models, file, 
     assert memory.module_bytes(kept) < memory.module_bytes(upcast)
     ids = torch.randint(0, kept.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_t5_out(kept, ids), _t5_out(upcast, ids))
+
+
+def test_t5_kept_in_fp8_streams_under_group_offloading(tiny_models):
+    # The offload modes stream T5 leaf by leaf (diffusers' group offloading); its layerwise casting
+    # hooks run inside that (on the CPU both places are the CPU: the hooks, not the transfers).
+    component = Component(str(tiny_models.paths["t5_fp8"]))
+    upcast = loaders.load_t5(component, BF16)
+    kept = loaders.load_t5(component, BF16, F8)
+    placement = memory.Placement("group_offload", torch.device("cpu"), "offload")
+    placement.setup(torch.nn.Linear(2, 2), [kept], encoders=[kept])
+    assert placement.is_streamed(kept) and memory.has_group_offload(kept)
+    ids = torch.randint(0, kept.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_t5_out(kept, ids), _t5_out(upcast, ids))

@@ -1,5 +1,5 @@
-"""Memory: which dtype each model runs in (`precision`), which memory mode fits (`plan`), and
-where each model lives when idle and moving it there (`placement`).
+"""Memory: which dtype each model runs in (`precision`), which memory mode fits (`plan`; at full
+size before loading: `full_size`), and where each model lives and moving it there (`placement`).
 
 Built on diffusers' own machinery:
 - fp8 storage: diffusers' layerwise casting hooks (weights stored in float8, upcast per layer to the
@@ -27,13 +27,15 @@ On a machine without a GPU nothing moves; the offload modes still install their 
 from __future__ import annotations
 
 from .placement import OUT_OF_MEMORY, DeviceHooks, Placement, has_group_offload
-from .plan import (ENCODER_PLACEMENTS, HOST_RESERVE_BYTES, MAX_PINNED_SHARE,
-                   MEMORY_MODES, HostMemory, MemoryPlan, ModelSizes, ModuleSize, free_memory, host_memory,
-                   module_bytes, pin_budget, pinned_bytes, plan_memory)
+from .plan import (ENCODER_PLACEMENTS, HOST_RESERVE_BYTES, MAX_PINNED_SHARE, MEMORY_MODES, HostMemory,
+                   MemoryPlan, ModelSizes, ModuleSize, free_memory, host_memory, module_bytes, pin_budget,
+                   pinned_bytes, plan_memory)
 from .precision import (FP8_KINDS, PRECISIONS, FileStorage, Precision, native_bf16, resolve_device,
                         resolve_precision)
 
-__all__ = ["FP8_KINDS", "FileStorage", "OUT_OF_MEMORY", "ModelSizes", "ModuleSize", "pinned_bytes", "DeviceHooks", "Placement", "has_group_offload", "ENCODER_PLACEMENTS",
-           "HOST_RESERVE_BYTES", "MAX_PINNED_SHARE", "MEMORY_MODES", "HostMemory", "MemoryPlan",
-           "free_memory", "host_memory", "module_bytes", "pin_budget", "plan_memory", "PRECISIONS",
-           "Precision", "native_bf16", "resolve_device", "resolve_precision"]
+__all__ = ["OUT_OF_MEMORY", "DeviceHooks", "Placement", "has_group_offload",
+           "ENCODER_PLACEMENTS", "HOST_RESERVE_BYTES", "MAX_PINNED_SHARE", "MEMORY_MODES", "HostMemory",
+           "MemoryPlan", "ModelSizes", "ModuleSize", "free_memory", "host_memory", "module_bytes",
+           "pin_budget", "pinned_bytes", "plan_memory",
+           "FP8_KINDS", "PRECISIONS", "FileStorage", "Precision", "native_bf16", "resolve_device",
+           "resolve_precision"]
