@@ -110,7 +110,7 @@ class PlanRow:
     card_gib: int
     host_gib: int
     plan: MemoryPlan | None       # None: the weights do not fit the host RAM at all
-    host_peak_bytes: int          # process + the weights at load, or after placement if more
+    host_peak_bytes: int          # the process + the weights + the pinned copies made while placing
     advice: str = ""              # for a row that does not fit: what would
 
     @property
@@ -125,7 +125,7 @@ def plan_row(file_set: FileSet, card_gib: int, host_gib: int, sizes: ModelSizes)
         return PlanRow(file_set.name, card_gib, host_gib, None, loaded)
     plan = plan_memory("auto", "auto", torch.device("cuda"), sizes,
                        free_bytes=card_gib * _GIB - CUDA_CONTEXT_BYTES, host=host)
-    return PlanRow(file_set.name, card_gib, host_gib, plan, max(loaded, PROCESS_BYTES + plan.host_bytes))
+    return PlanRow(file_set.name, card_gib, host_gib, plan, PROCESS_BYTES + plan.host_bytes)
 
 
 def plan_table(cards=CARDS_GIB, hosts=HOSTS_GIB, file_sets=FILE_SETS) -> list[PlanRow]:

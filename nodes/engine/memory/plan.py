@@ -164,7 +164,7 @@ class MemoryPlan:
     reason: str        # one line for logs and the benchmark; says when fp8 or GGUF would fit
     pin_budget_bytes: int | None = None  # page-locked host copies allowed; None = no bound (no GPU)
     device_peak_bytes: int = 0           # weights on the device + the largest job + slack
-    host_bytes: int = 0                  # host RAM the weights take after placement (pins rounded)
+    host_bytes: int = 0                  # host RAM of the weights at the placement's peak (pins rounded)
     pinned_bytes: int = 0                # of which page-locked, as the allocator rounds them
     fits: bool = True                    # False: even the lightest mode exceeds the free memory
 
@@ -197,12 +197,14 @@ def device_peak(mode: str, encoders: str, sizes: ModelSizes) -> int:
 
 def host_use(mode: str, encoders: str, sizes: ModelSizes, budget: int | None,
              pin: bool = True) -> tuple[int, int]:
-    """(host bytes, pinned bytes) of the weights after placement, pinning as `Placement` does:
+    """(host bytes at the placement's peak, pinned bytes), pinning as `Placement.setup` does:
     module by module (the transformer first, then the encoders, then the rest), while the rounded
-    bytes stay within `budget`. A module streamed with pinned copies holds its original tensors
-    too until its first run (diffusers copies them); a model-offload host copy replaces them."""
+    bytes stay within `budget`. The peak comes during setup, with every weight still in RAM: a
+    module streamed with pinned copies holds its original tensors too until its first run
+    (diffusers copies them), a model-offload host copy replaces each tensor as it is pinned, and
+    only then do resident models leave for the device."""
     pinned = 0
-    host = 0
+    extra = 0
 
     def take(size: ModuleSize) -> bool:
         nonlocal pinned
@@ -212,15 +214,16 @@ def host_use(mode: str, encoders: str, sizes: ModelSizes, budget: int | None,
         return True
 
     stream_encoders = mode != "gpu" or encoders == "offload"
-    if mode == "group_offload":
-        host += sizes.transformer.weights + (sizes.transformer.pinned if take(sizes.transformer) else 0)
+    if mode == "group_offload" and take(sizes.transformer):
+        extra += sizes.transformer.pinned
     for e in sizes.encoders:
-        if stream_encoders:
-            host += e.weights + (e.pinned if take(e) else 0)
+        if stream_encoders and take(e):
+            extra += e.pinned
     if mode == "model_offload":
         for size in (sizes.transformer, sizes.vae):
-            host += size.pinned if take(size) else size.weights
-    return host, pinned
+            if take(size):
+                extra += size.pinned - size.weights
+    return sizes.total_bytes + extra, pinned
 
 
 def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSizes,
