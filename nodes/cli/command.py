@@ -29,6 +29,7 @@ from ..files import model_paths
 from ..jobs import manifest, ray_runner, runner
 from ..jobs.backend import TINY_NOTICE, Backend
 from ..jobs.plan import jobs_for
+from ..engine import full_size
 from ..jobs.progress import BatchProgress
 from ..remote import KeyProblem
 from ..remote.keys import resolve_key
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--precision", choices=PRECISIONS, default="auto")
     models.add_argument("--memory", choices=MEMORY_MODES, default="auto")
     models.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    models.add_argument("--plan", action="store_true", help="print what memory and precision 'auto' pick for "
+                        "each file set on 8-80 GB cards and 16-64 GB hosts (the models at full size on meta "
+                        "tensors; nothing is loaded), then exit")
 
     rem = p.add_argument_group("remote (fal / AIML; keys from FAL_KEY / AIML_API_KEY or USO_REMOTE_KEYS_FILE)")
     rem.add_argument("--provider", choices=("fal", "aiml"), help="generate on fal or AIML instead of locally")
@@ -260,6 +264,9 @@ def _check_remote_key(provider: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan:
+        print(full_size.markdown(full_size.plan_table()), end="")
+        return 0
     problems = _check_flags(args)
     if problems:
         for p in problems:

@@ -243,16 +243,16 @@ class _ComfyModels:
         self._patchers: dict[int, USOModelPatcher] = {}
 
     def before_use(self, placement, modules) -> None:
-        from ..engine.memory import DEFAULT_MARGIN_BYTES
-
         patchers = []
         for module in modules:
             patcher = self._patchers.get(id(module))
             if patcher is None:  # the patcher holds the module: its id is not reused meanwhile
                 patcher = self._patchers[id(module)] = USOModelPatcher(module, placement)
             patchers.append(patcher)
-        # Room for the weights and, beyond them, the activations margin the memory plan assumes.
-        _mm.load_models_gpu(patchers, memory_required=DEFAULT_MARGIN_BYTES)
+        # Room for the weights and, beyond them, what this job needs to run (an encoder pass asks
+        # for 0.5 GiB, the decode for 3, sampling for 1; ComfyUI adds its own reserve): asking
+        # every job for the largest would evict the transformer to run an encoder.
+        _mm.load_models_gpu(patchers, memory_required=placement.work_bytes(modules))
 
 
 USOModelPatcher = None

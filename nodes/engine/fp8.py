@@ -85,3 +85,28 @@ def fp8_layers(transformer: nn.Module) -> list[str]:
     """Names of the Linears stored in fp8 (for tests and the benchmark)."""
     return [n for n, m in transformer.named_modules()
             if type(m) is nn.Linear and m.weight.dtype in FP8_DTYPES]
+
+
+def t5_storable(module_name: str) -> bool:
+    """T5's Linears that may be stored in another dtype than they compute in: all but the
+    feed-forward output `wo`, whose input transformers' T5 casts to `wo.weight.dtype` before the
+    call (it keeps `wo` in fp32 for the same reason): stored in fp8 that would make the input fp8."""
+    return not module_name.endswith(".wo")
+
+
+def keep_stored_linears(model: nn.Module, compute: torch.dtype) -> int:
+    """Upcast to `compute` per layer, with diffusers' layerwise casting hook, every Linear of
+    `model` whose weight is stored in another dtype (T5 kept in fp8, or in 16 bits computing in
+    fp32). Layers already hooked (scaled fp8) stay as they are. Returns how many were hooked."""
+    from diffusers.hooks import apply_layerwise_casting_hook
+
+    count = 0
+    for module in model.modules():
+        if type(module) is not nn.Linear or module.weight.dtype == compute:
+            continue
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("layerwise_casting") is not None:
+            continue
+        apply_layerwise_casting_hook(module, module.weight.dtype, compute, non_blocking=False)
+        count += 1
+    return count

@@ -17,7 +17,7 @@ from . import architecture, convert, detect
 from .errors import ModelFileError
 from .gguf_files import is_quantized
 from .projector import StyleProjector
-from .fp8 import FP8_DTYPES, fp8_storable, keep_scaled_fp8
+from .fp8 import FP8_DTYPES, fp8_storable, keep_scaled_fp8, keep_stored_linears, t5_storable
 from .scaled_fp8 import DequantizedSource, dequantized
 from .weight_files import open_weights
 from .weight_source import WeightSource
@@ -268,7 +268,10 @@ def load_vae(component: Component, dtype: torch.dtype = torch.float32):
 # Text encoders
 # ---------------------------------------------------------------------------------------------
 
-def load_t5(component: Component, dtype: torch.dtype):
+def load_t5(component: Component, dtype: torch.dtype, linear_storage: torch.dtype | None = None):
+    """A T5EncoderModel computing in `dtype`. With `linear_storage`, the Linear weights that
+    `fp8.t5_storable` allows are kept in that dtype (an fp8 file's own fp8; a scaled fp8 file's
+    weights with their scales) and upcast per layer to `dtype`."""
     from transformers import T5Config, T5EncoderModel
 
     source = _source(component)
@@ -277,17 +280,37 @@ def load_t5(component: Component, dtype: torch.dtype):
     cfg.pop("model_type", None)
     model = _built("t5", component.name, lambda: T5EncoderModel(T5Config(**cfg)))
     model_keys = set(model.state_dict())
+    storable = {f"{n}.weight" for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and t5_storable(n)} if linear_storage is not None else set()
+    keep_fp8 = linear_storage in FP8_DTYPES
+    scaled = _ScaledFP8Weights(source) if keep_fp8 and isinstance(source, DequantizedSource) else None
+    reader = scaled if scaled is not None else source
     state = {}
     for key in source.keys():
         mapped = _strip_to_model_keys(key, model_keys, ("transformer.",))
-        state[mapped] = _cast(source.get(key), dtype)
+        if scaled is not None:
+            scaled.rename(key, [mapped])
+        tensor = reader.get(key)
+        if scaled is not None and mapped in scaled.scales and mapped not in storable:
+            tensor = tensor.to(torch.float32) * scaled.scales.pop(mapped)   # kept in `dtype`: dequantize
+        if mapped not in storable:
+            target = dtype
+        else:
+            target = tensor.dtype if keep_fp8 and tensor.dtype in FP8_DTYPES else linear_storage
+        state[mapped] = _cast(tensor, target)
     # shared.weight and encoder.embed_tokens.weight are one tensor; files hold either name.
     for a, b in (("shared.weight", "encoder.embed_tokens.weight"),
                  ("encoder.embed_tokens.weight", "shared.weight")):
         if a in state and b not in state and b in model_keys:
             state[b] = state[a]
     source.close()
-    return _materialize(model, state, "t5", component.name)
+    model = _materialize(model, state, "t5", component.name)
+    if scaled is not None:
+        for key, scale in scaled.scales.items():
+            keep_scaled_fp8(model.get_submodule(key[: -len(".weight")]), scale, dtype)
+    if linear_storage is not None:
+        keep_stored_linears(model, dtype)
+    return model
 
 
 def load_clip(component: Component, dtype: torch.dtype):

@@ -3,17 +3,21 @@ the pieces belong together (widths of T5/CLIP/projector against the transformer)
 from __future__ import annotations
 
 import os
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from . import detect, loaders, lora, tokenizers
 from .detect import AIO_PREFIXES, EXPECTED, has_prefix
 from .errors import ModelFileError
 from .loaders import Component
-from .memory import Precision
+from .fp8 import FP8_DTYPES
+from .memory import FileStorage, Precision
+from .scaled_fp8 import is_scaled_fp8
 from .weight_files import open_weights
 
 
@@ -52,6 +56,7 @@ class LoadedModels:
     style_owner: str = ""              # encodings from models with equal owners are interchangeable
     subject_owner: str = ""
     file_names: dict = field(default_factory=dict)  # slot -> file name, for messages
+    precision: Precision | None = None  # what the files were loaded in (None: built, not loaded)
 
     def _file(self, slot: str) -> str:
         name = self.file_names.get(slot)
@@ -154,6 +159,39 @@ def check_files(files: ModelFiles) -> None:
             detect.require_kind(open_weights(file), slot, _ACCEPTED[slot])
 
 
+def _stored(component: Component) -> str:
+    """What a file stores (`memory.FileStorage`), from its header: the dtype holding most of its
+    matrix elements, "scaled_fp8" for ComfyUI's scaled fp8, "gguf" for quantised GGUF."""
+    source = open_weights(component.path)
+    if component.prefix:
+        source = source.with_prefix(component.prefix)
+    if is_scaled_fp8(source):
+        return "scaled_fp8"
+    elements: Counter = Counter()
+    for info in source.infos.values():
+        if len(info.shape) == 2:
+            elements[info.dtype] += info.shape[0] * info.shape[1]
+    dtype = elements.most_common(1)[0][0] if elements else torch.bfloat16
+    if isinstance(dtype, str):
+        return "gguf"
+    if dtype in FP8_DTYPES:
+        return "fp8"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def file_storage(files: ModelFiles) -> FileStorage:
+    """What the transformer and T5 files store, read from their headers before loading: the
+    precision `auto` picks follows it (fp8 files stay fp8)."""
+    path = files.transformer
+    with _slot("transformer"):
+        component, _layout = loaders.transformer_component(path)
+        transformer = _stored(component)
+    with _slot("t5"):
+        t5 = _stored(_component("t5", files.t5, path, bool(component.prefix), os.path.isdir(path),
+                                "text_encoder_2"))
+    return FileStorage(transformer, t5)
+
+
 def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: dict | None = None,
                 on_step: Callable[[str], None] | None = None) -> LoadedModels:
     step = on_step or (lambda _what: None)
@@ -174,7 +212,7 @@ def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: d
     step("t5")
     with _slot("t5"):
         t5 = loaders.load_t5(_component("t5", files.t5, path, is_aio, in_folder, "text_encoder_2"),
-                             precision.text)
+                             precision.text, precision.t5_storage)
     step("clip_l")
     with _slot("clip_l"):
         clip = loaders.load_clip(_component("clip_l", files.clip_l, path, is_aio, in_folder, "text_encoder"),
@@ -199,6 +237,7 @@ def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: d
         projector=projector, lora_parts=parts, lora_rank=rank, lora_name=os.path.basename(files.uso_lora),
         style_owner=f"{os.path.realpath(files.siglip)}|{os.path.realpath(files.projector)}|{precision.compute}",
         subject_owner=f"{os.path.realpath(files.vae or path)}|{precision.vae}",
-        file_names={slot: os.path.basename(p.rstrip("/\\")) for slot, p in names.items()})
+        file_names={slot: os.path.basename(p.rstrip("/\\")) for slot, p in names.items()},
+        precision=precision)
     models.check_consistency()
     return models

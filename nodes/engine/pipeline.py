@@ -22,7 +22,7 @@ from . import fp8, lora, memory, positions, sampler, schedule, speed, style, sub
 from .gguf_files import is_quantized
 from .limits import (BATCH_SIZE, DENOISE, GUIDANCE, HEIGHT, LONG_SIDE, MAX_PROMPT_CHARS, MAX_REFERENCE_STYLES,
                      MAX_REFERENCE_SUBJECTS, SEED, SEED_MAX, STEPS, WIDTH)
-from .model_set import LoadedModels, ModelFiles, load_models
+from .model_set import LoadedModels, ModelFiles, file_storage, load_models
 from .user_lora import UserLora, read_user_lora
 from .errors import InputError, ModelFileError, OutOfMemoryError
 
@@ -172,7 +172,8 @@ class USOPipeline:
         """`hooks`: how a host (ComfyUI) shares the device; None outside one."""
         self.options = options
         self.device = memory.resolve_device(options.device)
-        self.precision = memory.resolve_precision(options.precision, self.device)
+        # Loaded models carry the precision their files were read in (`auto` follows the files).
+        self.precision = models.precision or memory.resolve_precision(options.precision, self.device)
         self._lock = threading.RLock()
         self._prompt_cache = _LRU(8)
         self._style_cache = _LRU(32)
@@ -201,15 +202,13 @@ class USOPipeline:
         others = [self.vae, self.t5, self.clip, self.siglip, self.projector]
         encoders = [self.t5, self.clip, self.siglip, self.projector]
         self.memory_plan = memory.plan_memory(
-            options.memory, options.encoders, self.device, memory.module_bytes(self.transformer),
-            sum(memory.module_bytes(m) for m in encoders), memory.module_bytes(self.vae),
-            transformer_quantized=self._quantized(),
+            options.memory, options.encoders, self.device,
+            memory.ModelSizes.of(self.transformer, self.vae, encoders, self._quantized()),
             free_bytes=hooks.available_bytes(self.device)
             if hooks and hooks.available_bytes and self.device.type != "cpu" else None)
-        if self.memory_plan.mode != "gpu":
-            # Offloading is slower; the reason says whether fp8 or GGUF weights would avoid it.
-            logging.getLogger("uso.engine").warning("memory: %s (%s)", self.memory_plan.mode,
-                                                    self.memory_plan.reason)
+        # Offloading is slower; the reason says whether fp8 or GGUF weights would avoid it.
+        logging.getLogger("uso.engine").log(logging.INFO if self.memory_plan.mode == "gpu" else logging.WARNING,
+                                            "memory plan: %s", self.memory_plan.summary())
         self.memory_mode = self.memory_plan.mode
         self.placement = memory.Placement(self.memory_mode, self.device, self.memory_plan.encoders,
                                           self.memory_plan.pin_budget_bytes,
@@ -223,7 +222,8 @@ class USOPipeline:
     def from_files(cls, files: ModelFiles, options: EngineOptions = EngineOptions(),
                    on_load_step: Callable[[str], None] | None = None,
                    hooks: memory.DeviceHooks | None = None) -> "USOPipeline":
-        precision = memory.resolve_precision(options.precision, memory.resolve_device(options.device))
+        precision = memory.resolve_precision(options.precision, memory.resolve_device(options.device),
+                                             file_storage(files))
         models = load_models(files, precision, options.comfy_tokenizer_dirs, on_load_step)
         return cls(models, options, hooks)
 
@@ -604,7 +604,7 @@ class USOPipeline:
         the memory mode that would fit."""
         try:
             return work()
-        except torch.OutOfMemoryError:
+        except memory.OUT_OF_MEMORY:
             pass  # leave the except block first: the error's traceback holds the failed run's tensors
         with self._lock:
             gc.collect()

@@ -75,15 +75,18 @@ def _word_tokenizer(kind: str, vocab_size: int):
                                    pad_token="<|endoftext|>", unk_token="<unk>", model_max_length=77)
 
 
-def build_random_models(size: str = "tiny", dtype: torch.dtype = torch.float32, device="cpu",
-                        seed: int = 0) -> LoadedModels:
-    """A complete LoadedModels with random weights; `size` is one of SIZES."""
+def drop_post_layernorm(siglip: nn.Module) -> None:
+    getattr(siglip, "vision_model", siglip).post_layernorm = nn.Identity()
+
+
+def architectures(size: str = "tiny") -> dict:
+    """The USO models of `size` (one of SIZES) as factories building each in the real architecture
+    (call them under `torch.device("meta")` for shapes without memory), with their configs."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, SiglipVisionConfig, SiglipVisionModel, T5Config, \
         T5EncoderModel
 
     spec = SIZES[size]
-    gen = torch.Generator().manual_seed(seed)
     flux_cfg = {**official("flux1-dev-transformer"), **spec["flux"]}
     flux_cfg["axes_dims_rope"] = tuple(flux_cfg["axes_dims_rope"])
     t5_cfg = {**official("t5-v1_1-xxl-encoder"), **spec["t5"]}
@@ -96,6 +99,28 @@ def build_random_models(size: str = "tiny", dtype: torch.dtype = torch.float32, 
     clip_cfg.pop("pooled_projection_dim")
     # Word-level tokenizers: ids 0..2 are the special tokens.
     clip_cfg.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    hidden = flux_cfg["num_attention_heads"] * flux_cfg["attention_head_dim"]
+    grid = (siglip_cfg["image_size"] // siglip_cfg["patch_size"]) ** 2
+
+    return {"transformer": lambda: FluxTransformer2DModel(**flux_cfg),
+            # USO reads the second-to-last layer: the last one and the head are not loaded (nor
+            # the post-layernorm: `drop_post_layernorm`).
+            "siglip": lambda: SiglipVisionModel(SiglipVisionConfig(
+                **{**siglip_cfg, "num_hidden_layers": siglip_cfg["num_hidden_layers"] - 1, "vision_use_head": False})),
+            "projector": lambda: StyleProjector(grid, spec["style_tokens"], siglip_cfg["hidden_size"], hidden),
+            "t5": lambda: T5EncoderModel(T5Config(**t5_cfg)),
+            "clip": lambda: CLIPTextModel(CLIPTextConfig(**clip_cfg)),
+            "vae": lambda: AutoencoderKL(**vae_cfg),
+            "configs": {"flux": flux_cfg, "t5": t5_cfg, "clip": clip_cfg, "siglip": siglip_cfg}}
+
+
+def build_random_models(size: str = "tiny", dtype: torch.dtype = torch.float32, device="cpu",
+                        seed: int = 0) -> LoadedModels:
+    """A complete LoadedModels with random weights; `size` is one of SIZES."""
+    spec = SIZES[size]
+    gen = torch.Generator().manual_seed(seed)
+    make = architectures(size)
+    cfgs = make["configs"]
 
     def build(factory, build_dtype=torch.float32):
         # Cast on the meta device, then allocate: memory is taken once, in the target dtype (a
@@ -111,24 +136,19 @@ def build_random_models(size: str = "tiny", dtype: torch.dtype = torch.float32, 
                 buf.copy_(torch.arange(buf.shape[-1]).expand(buf.shape))
         return module.to(device=device).eval().requires_grad_(False)
 
-    transformer = build(lambda: FluxTransformer2DModel(**flux_cfg), dtype)
-    full_siglip_layers = siglip_cfg["num_hidden_layers"]
-    siglip = build(lambda: SiglipVisionModel(SiglipVisionConfig(
-        **{**siglip_cfg, "num_hidden_layers": full_siglip_layers - 1, "vision_use_head": False})))
-    owner = getattr(siglip, "vision_model", siglip)
-    owner.post_layernorm = nn.Identity()
-    hidden = flux_cfg["num_attention_heads"] * flux_cfg["attention_head_dim"]
-    grid = (siglip_cfg["image_size"] // siglip_cfg["patch_size"]) ** 2
-    projector = build(lambda: StyleProjector(grid, spec["style_tokens"], siglip_cfg["hidden_size"], hidden), dtype)
+    transformer = build(make["transformer"], dtype)
+    siglip = build(make["siglip"])
+    drop_post_layernorm(siglip)
+    projector = build(make["projector"], dtype)
     text_dtype = torch.float32 if dtype == torch.float16 else dtype
-    t5 = build(lambda: T5EncoderModel(T5Config(**t5_cfg)), text_dtype)
-    clip = build(lambda: CLIPTextModel(CLIPTextConfig(**clip_cfg)), text_dtype)
-    vae = build(lambda: AutoencoderKL(**vae_cfg))
+    t5 = build(make["t5"], text_dtype)
+    clip = build(make["clip"], text_dtype)
+    vae = build(make["vae"])
     return LoadedModels(
-        transformer=transformer, transformer_config=flux_cfg, vae=vae, t5=t5, clip=clip,
-        t5_tokenizer=_word_tokenizer("t5", t5_cfg["vocab_size"]),
-        clip_tokenizer=_word_tokenizer("clip_l", clip_cfg["vocab_size"]),
-        siglip=siglip, siglip_layers=full_siglip_layers, projector=projector,
+        transformer=transformer, transformer_config=cfgs["flux"], vae=vae, t5=t5, clip=clip,
+        t5_tokenizer=_word_tokenizer("t5", cfgs["t5"]["vocab_size"]),
+        clip_tokenizer=_word_tokenizer("clip_l", cfgs["clip"]["vocab_size"]),
+        siglip=siglip, siglip_layers=cfgs["siglip"]["num_hidden_layers"], projector=projector,
         lora_parts=_random_lora(transformer, spec["lora_rank"], gen, dtype),
         lora_rank=spec["lora_rank"], lora_name=f"random-{size}",
         style_owner=f"random-{size}-{seed}", subject_owner=f"random-{size}-{seed}")

@@ -1,4 +1,4 @@
-"""Precision and placement modes (nodes/engine/memory.py) on tiny random-weight models.
+"""Precision and placement modes (nodes/engine/memory/) on tiny random-weight models.
 
 Tolerances (stated here, checked below):
 - Placement modes (gpu, model_offload, group_offload; encoders resident or streamed) only decide
@@ -94,15 +94,21 @@ def test_enable_fp8_storage_is_idempotent():
 CUDA = torch.device("cuda")  # only a name here: plan_memory never touches the device when free_bytes is given
 
 
+def sizes(transformer=22.0, encoders=11.0, vae=0.3, quantized=False):
+    """Model sizes in GiB; a streamed transformer needs 1/20 of it on the device, an encoder 1/50."""
+    t, e, v = int(transformer * GIB), int(encoders * GIB), int(vae * GIB)
+    return memory.ModelSizes(memory.ModuleSize(t, t, t // 20), memory.ModuleSize(v, v, v),
+                             (memory.ModuleSize(e, e, e // 50),), quantized)
+
+
 def plan(free_gib, transformer=22.0, encoders=11.0, vae=0.3, mode="auto", enc="auto"):
-    return memory.plan_memory(mode, enc, CUDA, int(transformer * GIB), int(encoders * GIB), int(vae * GIB),
-                              margin_bytes=6 * GIB, free_bytes=int(free_gib * GIB))
+    return memory.plan_memory(mode, enc, CUDA, sizes(transformer, encoders, vae), free_bytes=int(free_gib * GIB))
 
 
 @pytest.mark.parametrize("free,expected", [
-    (80, ("gpu", "resident")),          # H100: everything resident (22 + 11 + 0.3 + 6 = 39.3)
-    (35, ("gpu", "offload")),           # transformer + VAE + margin fit (28.3), T5 & co. streamed
-    (28.1, ("model_offload", "offload")),  # only the transformer + margin (28)
+    (80, ("gpu", "resident")),          # H100: everything resident (22 + 11 + 0.3 + 3 decode + 2 slack)
+    (35, ("gpu", "offload")),           # transformer + VAE + decode + slack fit (27.3), T5 & co. streamed
+    (26, ("model_offload", "offload")),  # the transformer + a step + slack (25); the decode comes after
     (20, ("group_offload", "offload")),
 ])
 def test_auto_picks_the_fastest_mode_that_fits(free, expected):
@@ -128,12 +134,19 @@ def test_encoder_choice_in_auto_and_explicit_modes():
 
 
 def test_cpu_has_nothing_to_offload():
-    p = memory.plan_memory("auto", "auto", torch.device("cpu"), 10 ** 12, 10 ** 12, 10 ** 9)
+    p = memory.plan_memory("auto", "auto", torch.device("cpu"), sizes(1000, 1000, 1))
     assert (p.mode, p.encoders) == ("gpu", "resident")
-    assert memory.plan_memory("auto", "auto", torch.device("cpu"), 10 ** 12, 10 ** 12, 0).mode == "gpu"
-    assert memory.plan_memory("auto", "auto", CUDA, 30 * GIB, 5 * GIB, 0, 6 * GIB, free_bytes=37 * GIB).mode == "gpu"
-    assert memory.plan_memory("auto", "auto", CUDA, 30 * GIB, 5 * GIB, 0, 6 * GIB,
-                              free_bytes=20 * GIB).mode == "group_offload"
+    assert memory.plan_memory("auto", "auto", CUDA, sizes(30, 5, 0), free_bytes=37 * GIB).mode == "gpu"
+    assert memory.plan_memory("auto", "auto", CUDA, sizes(30, 5, 0), free_bytes=20 * GIB).mode == "group_offload"
+
+
+def test_model_offload_keeps_no_decode_margin_beside_the_transformer():
+    # The transformer and the VAE decode take turns in model offload: a 16 GiB card (15.5 free)
+    # with an fp8 transformer (11.1 GiB) samples with it resident, once per image, instead of
+    # streaming it every step (which a 6 GiB margin for both jobs at once forced).
+    p = memory.plan_memory("auto", "auto", CUDA, sizes(11.1, 4.9, 0.3, True), free_bytes=int(15.5 * GIB))
+    assert p.mode == "model_offload" and p.fits
+    assert p.device_peak_bytes == int(11.1 * GIB) + memory.plan.SAMPLING_WORK_BYTES + memory.plan.ALLOCATOR_SLACK_BYTES
 
 
 @pytest.mark.parametrize("bad", [dict(mode="fast"), dict(enc="cpu")])
@@ -298,16 +311,14 @@ def test_pin_budget_keeps_a_reserve_and_at_most_half_the_ram(available, total, b
 
 def test_24_gib_card_bf16_plan_bounds_pinning_and_names_fp8_and_gguf():
     # The case of the issue: 24 GiB free, bf16 FLUX (22.2 GiB) + 11 GiB of encoders, 64 GiB host.
-    p = memory.plan_memory("auto", "auto", CUDA, int(22.2 * GIB), 11 * GIB, int(0.3 * GIB),
-                           margin_bytes=6 * GIB, free_bytes=24 * GIB,
+    p = memory.plan_memory("auto", "auto", CUDA, sizes(22.2, 11, 0.3), free_bytes=24 * GIB,
                            host=memory.HostMemory(28 * GIB, 64 * GIB))
     assert p.mode == "group_offload"
     assert p.pin_budget_bytes == 24 * GIB          # not the 33 GiB of every streamed weight
     assert "fp8_e4m3fn" in p.reason and "GGUF" in p.reason and "would stay on the GPU" in p.reason
     # Already fp8: no hint to use fp8.
-    fp8_plan = memory.plan_memory("auto", "auto", CUDA, int(11.6 * GIB), 11 * GIB, int(0.3 * GIB),
-                                  margin_bytes=6 * GIB, free_bytes=12 * GIB,
-                                  host=memory.HostMemory(28 * GIB, 64 * GIB), transformer_quantized=True)
+    fp8_plan = memory.plan_memory("auto", "auto", CUDA, sizes(11.6, 11, 0.3, quantized=True), free_bytes=12 * GIB,
+                                  host=memory.HostMemory(28 * GIB, 64 * GIB))
     assert fp8_plan.mode == "group_offload" and "fp8_e4m3fn" not in fp8_plan.reason
     # Everything fits: nothing to suggest, nothing pinned by the plan.
     assert "GGUF" not in plan(80).reason
@@ -329,12 +340,13 @@ def test_group_offload_pins_host_copies_only_within_the_budget(monkeypatch):
         m.name = name
     moved = []
     monkeypatch.setattr(vae, "to", lambda device: moved.append(device))
-    p = memory.Placement("group_offload", CUDA, "offload", pin_budget_bytes=8 * 1024 ** 2)
+    p = memory.Placement("group_offload", CUDA, "offload", pin_budget_bytes=9 * 1024 ** 2)
     p.setup(transformer, [vae, t5, clip], encoders=[t5, clip])
-    # The transformer (6 MiB) is pinned; T5 (3 MiB) would pass the 8 MiB budget: pinned per
-    # transfer instead (low_cpu_mem_usage); CLIP (1 MiB) still fits.
+    # The transformer (6 MiB, pinned as 8: the allocator rounds each block up to a power of two)
+    # is pinned; T5 (3 MiB, pinned as 4) would pass the 9 MiB budget: pinned per transfer instead
+    # (low_cpu_mem_usage); CLIP (1 MiB) still fits.
     assert calls == {"transformer": False, "t5": True, "clip": False}
-    assert p.pinned_bytes == 7 * 1024 ** 2 and moved == [CUDA]
+    assert p.pinned_bytes == 9 * 1024 ** 2 and moved == [CUDA]
 
 
 def test_model_offload_pins_host_copies_only_within_the_budget(monkeypatch):

@@ -1,0 +1,93 @@
+"""Precision: which dtypes each model is stored and computed in, for the chosen device and what
+the chosen files store."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+#: What a weight file stores (`FileStorage`), read from its header before loading.
+FP8_KINDS = ("fp8", "scaled_fp8")
+_SIXTEEN_BIT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FileStorage:
+    """What the chosen transformer and T5 files store: "fp8", "scaled_fp8", "gguf" (transformer
+    only), "bf16", "fp16" or "fp32"."""
+
+    transformer: str = "bf16"
+    t5: str = "bf16"
+
+
+@dataclass(frozen=True)
+class Precision:
+    compute: torch.dtype          # the DiT's compute dtype (and x's dtype while sampling)
+    fp8_storage: bool             # DiT Linear weights stored as float8_e4m3fn
+    text: torch.dtype             # T5 / CLIP-L compute
+    vision: torch.dtype           # SigLIP + projector input side
+    vae: torch.dtype
+    #: T5's Linear weights (but `wo`, `fp8.t5_storable`) stored in this dtype and upcast per layer
+    #: to `text`: an fp8 file's own fp8, or the file's 16 bits where T5 computes in fp32.
+    #: None: stored in `text`.
+    t5_storage: torch.dtype | None = None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 in hardware. `torch.cuda.is_bf16_supported()` also counts the
+    emulated bf16 of pre-Ampere cards (T4, RTX 20xx, V100: compute capability < 8.0), which runs far
+    slower than their fp16, and it asks about the current device, not the chosen one."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    if torch.version.hip:
+        return True  # every ROCm architecture torch supports has bf16
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def resolve_precision(precision: str, device: torch.device, stored: FileStorage | None = None,
+                      native: bool | None = None) -> Precision:
+    """The dtypes for `precision` on `device`. "auto": fp32 on the CPU; on a GPU an fp8 or scaled
+    fp8 file keeps fp8 storage (transformer and T5) and 16-bit files stay 16-bit, computing in bf16
+    where the card has it natively, else in fp16. T5 never computes in fp16 (its activations
+    overflow there): on fp16 cards it computes in fp32 from weights stored as the file has them.
+    `native`: whether the card runs bf16 natively, for a card that is only simulated (the plan
+    table); None asks `device`."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision: '{precision}' is not one of {', '.join(PRECISIONS)}.")
+    stored = stored or FileStorage()
+    asked = precision
+    bf16_ok = native_bf16(device) if native is None else native
+    if precision == "auto":
+        if device.type == "cpu":
+            precision = "fp32"
+        elif stored.transformer in FP8_KINDS:
+            precision = "fp8_e4m3fn"
+        else:
+            precision = "bf16" if bf16_ok else "fp16"
+    elif precision == "bf16" and not bf16_ok and device.type == "cuda":
+        # Named explicitly: emulated bf16 is slow but it is what was asked for, where it runs at all.
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=True)
+    if precision == "fp32":
+        return Precision(torch.float32, False, torch.float32, torch.float32, torch.float32)
+    # fp8 storage computes in fp16 where bf16 is only emulated (upcasting fp8 to fp16 is exact too).
+    compute = torch.bfloat16 if bf16_ok and precision != "fp16" else torch.float16
+    text = torch.bfloat16 if compute == torch.bfloat16 else torch.float32
+    if stored.t5 in FP8_KINDS and asked in ("auto", "fp8_e4m3fn"):
+        t5_storage = torch.float8_e4m3fn
+    elif text == torch.float32:
+        t5_storage = _SIXTEEN_BIT.get(stored.t5)
+    else:
+        t5_storage = None
+    return Precision(compute, precision == "fp8_e4m3fn", text, torch.float32, torch.float32, t5_storage)
