@@ -2,6 +2,8 @@
 
     # here: 2 CPU processes, gloo, tiny random models (Ulysses; ring needs CUDA, see below)
     torchrun --nproc-per-node 2 -m nodes.benchmarks.context_parallel --size tiny
+    # the same with the step cache (every rank takes the skip decision from the whole sequence)
+    torchrun --nproc-per-node 2 -m nodes.benchmarks.context_parallel --size tiny --step-cache 0.75 --steps 8
     # 2 / 4 GPUs of one machine, full-size random weights in bf16
     torchrun --nproc-per-node 2 -m nodes.benchmarks.context_parallel --size full --precision bf16 \\
         --width 1024 --height 1024 --steps 28 --attention sdpa_cudnn --ulysses 2
@@ -41,12 +43,13 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--step-cache", type=float, default=0.0, help="First Block Cache threshold (0 = off)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest latent difference accepted")
     args = p.parse_args(argv)
 
     import torch.distributed as dist
 
-    from ..engine import EngineOptions, USOPipeline, context_parallel
+    from ..engine import EngineOptions, USOPipeline, context_parallel, speed
     from ..engine.random_models import build_random_models
 
     cuda = torch.cuda.is_available()
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
     device = f"cuda:{local_rank}" if cuda else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     pipe = USOPipeline(build_random_models(args.size, dtype=dtype),
-                       EngineOptions(device=device, precision=args.precision, attention=args.attention))
+                       EngineOptions(device=device, precision=args.precision, attention=args.attention,
+                                     step_cache=args.step_cache))
     rng = np.random.default_rng(0)
     style = Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
     subject = Image.fromarray(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8))
@@ -81,13 +85,15 @@ def main(argv=None) -> int:
     reference, one_s = timed()
     context_parallel.enable(pipe.transformer, ulysses=ulysses, ring=args.ring)
     pipe.generate(prompt, **dict(call, steps=1))
-    split, split_s = timed()
+    with speed.StepCounter(pipe.transformer) as full_steps:   # fewer than --steps with the step cache
+        split, split_s = timed()
     diff = (split - reference).abs().max().item()
     if rank == 0:
         print(f"{args.size} {args.width}x{args.height}, {args.steps} steps, {args.precision}, attention "
               f"{args.attention}, {world} processes ({'nccl' if cuda else 'gloo'}), ulysses {ulysses} x ring "
               f"{args.ring}: largest latent difference to one process {diff:.3g} (tolerance {args.tolerance:g}); "
-              f"generate {one_s:.2f} s in one process, {split_s:.2f} s split", flush=True)
+              f"generate {one_s:.2f} s in one process, {split_s:.2f} s split; step cache {args.step_cache:g}: "
+              f"{full_steps.calls} of {args.steps} steps ran every block", flush=True)
     dist.destroy_process_group()
     return 0 if diff <= args.tolerance else 1
 

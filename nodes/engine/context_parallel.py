@@ -48,6 +48,40 @@ def enable(transformer, *, ulysses: int = 1, ring: int = 1) -> None:
         # Same steps with the CPU as the device (a gloo process group).
         transformer._resolve_parallel_config = types.MethodType(_resolve_on_cpu, transformer)
     transformer.enable_parallelism(config=config, cp_plan=uso_plan())
+    share_step_cache_decision(transformer)
+
+
+def share_step_cache_decision(transformer) -> bool:
+    """The step cache (First Block Cache) decides in every call whether to skip the remaining
+    blocks, from how much the first block's residual changed. Split over ranks, each rank sees
+    only its shard of the sequence: the ranks could decide differently, and the rank that computes
+    then waits forever in the next attention's collective for the one that skipped. Here every
+    rank decides from the whole sequence instead: sum|r - r_prev| / sum|r_prev| over all shards
+    (one all-reduce of two numbers per step), the ratio one process computes. Returns whether a
+    step cache was found (nothing to share otherwise)."""
+    config = getattr(transformer, "_parallel_config", None)
+    if config is None or config.context_parallel_config is None:
+        return False
+    group = config.context_parallel_config._flattened_mesh.get_group()
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        head = registry.get_hook("fbc_leader_block_hook") if registry is not None else None
+        if head is not None:
+            head._should_compute_remaining_blocks = types.MethodType(_decided_across(group), head)
+            return True
+    return False
+
+
+def _decided_across(group):
+    @torch.compiler.disable
+    def should_compute(hook, residual: torch.Tensor) -> bool:
+        previous = hook.state_manager.get_state().head_block_residual
+        if previous is None:  # the first step of an image, on every rank
+            return True
+        sums = torch.stack([(residual - previous).abs().sum(), previous.abs().sum()]).float()
+        torch.distributed.all_reduce(sums, group=group)
+        return (sums[0] / sums[1]).item() > hook.threshold
+    return should_compute
 
 
 def _resolve_on_cpu(self, config):

@@ -1,5 +1,5 @@
-"""fp8 weight storage: which transformer Linears are stored in float8 and the diffusers hooks that
-upcast them per layer to the compute dtype. One policy, used by the loader (fp8 files are kept as
+"""fp8 weight storage: which transformer Linears are stored in float8 and the Linear that upcasts
+them per call to the compute dtype. One policy, used by the loader (fp8 files are kept as
 they are) and by the precision setup (bf16 files are cast)."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -17,44 +18,43 @@ FP8_SKIP_PATTERNS = (r"pos_embed", r"norm_q$", r"norm_k$", r"norm_added_q$", r"n
                      r"^proj_out$", r"^x_embedder$", r"^context_embedder$", r"time_text_embed")
 
 
-def _scaled_fp8_casting_hook(compute: torch.dtype):
-    """Layerwise casting for a Linear whose fp8 weight comes with a per-tensor scale (ComfyUI's
-    scaled fp8 files): the weight stays as the file stored it; `weight_scale` (an fp32 scalar
-    buffer, so it moves with the module under every memory mode) multiplies it in when the layer
-    runs, and the stored fp8 tensor is put back afterwards."""
-    from diffusers.hooks import ModelHook
+class FP8Linear(nn.Linear):
+    """A Linear whose weight is stored in float8 and upcast to `compute_dtype` inside `forward`
+    (times `weight_scale`, an fp32 scalar buffer, for ComfyUI's scaled fp8 files; a buffer, so it
+    moves with the module under every memory mode). The bias stays in the compute dtype.
 
-    class ScaledFP8CastingHook(ModelHook):
-        _is_stateful = False
+    Plain tensor operations in `forward`, so `torch.compile` traces the upcast into the compiled
+    block: diffusers' layerwise-casting hook swaps `weight.data` before and after each call, which
+    dynamo cannot trace (one graph break per fp8 Linear). The scaled upcast is one cast to the
+    compute dtype and one multiply by the fp32 scale (computed in fp32, rounded once: the same
+    bits as dequantizing in fp32 and rounding), not a round trip through two fp32 temporaries."""
 
-        def __init__(self):
-            super().__init__()
-            self.compute_dtype = compute
-            self.stored: torch.Tensor | None = None
+    compute_dtype: torch.dtype
+    weight_scale: torch.Tensor | None
 
-        def pre_forward(self, module, *args, **kwargs):
-            self.stored = module.weight.data
-            module.weight.data = (self.stored.to(torch.float32) * module.weight_scale).to(self.compute_dtype)
-            return args, kwargs
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(self.compute_dtype)
+        if self.weight_scale is not None:
+            weight = weight * self.weight_scale
+        return F.linear(x, weight, self.bias)
 
-        def post_forward(self, module, output):
-            module.weight.data, self.stored = self.stored, None
-            return output
 
-    return ScaledFP8CastingHook()
+def _store_in_fp8(linear: nn.Linear, storage: torch.dtype, compute: torch.dtype) -> None:
+    """Turn `linear` (in place: whoever holds it keeps the same module) into an FP8Linear."""
+    linear.weight.data = linear.weight.data.to(storage)
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data.to(compute)
+    if "weight_scale" not in linear._buffers:
+        linear.register_buffer("weight_scale", None)
+    linear.__class__ = FP8Linear
+    linear.compute_dtype = compute
 
 
 def keep_scaled_fp8(linear: nn.Linear, scale: torch.Tensor, compute: torch.dtype) -> None:
     """Store `linear`'s fp8 weight with its per-tensor `scale` and upcast it (times the scale) to
-    `compute` per call. Registered under diffusers' layerwise-casting name, so that
-    `enable_fp8_storage` leaves the layer as it is."""
-    from diffusers.hooks import HookRegistry
-
+    `compute` per call; `enable_fp8_storage` then leaves the layer as it is."""
     linear.register_buffer("weight_scale", scale.to(torch.float32).reshape(()))
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data.to(compute)
-    HookRegistry.check_if_exists_or_initialize(linear).register_hook(
-        _scaled_fp8_casting_hook(compute), "layerwise_casting")
+    _store_in_fp8(linear, linear.weight.dtype, compute)
 
 
 def fp8_storable(module_name: str) -> bool:
@@ -64,19 +64,14 @@ def fp8_storable(module_name: str) -> bool:
 def enable_fp8_storage(transformer: nn.Module, compute: torch.dtype) -> int:
     """Store every Linear weight whose module `fp8_storable` allows in float8 (fp8 files keep
     their own fp8 dtype, other weights become float8_e4m3fn, saturating at +-448) and upcast it to
-    `compute` per layer at run time, with diffusers' layerwise casting hook. The LoRA of an unfused
+    `compute` per layer at run time (`FP8Linear`). Biases stay in `compute`. The LoRA of an unfused
     `LoraLinear` is not a Linear and stays in `compute`. Returns how many layers are stored in fp8."""
-    from diffusers.hooks import apply_layerwise_casting_hook
-
     count = 0
     for name, module in transformer.named_modules():
         if type(module) is not nn.Linear or not fp8_storable(name):
             continue
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook("layerwise_casting") is not None:
-            continue
         storage = module.weight.dtype if module.weight.dtype in FP8_DTYPES else torch.float8_e4m3fn
-        apply_layerwise_casting_hook(module, storage, compute, non_blocking=False)
+        _store_in_fp8(module, storage, compute)
         count += 1
     return count
 
@@ -84,7 +79,7 @@ def enable_fp8_storage(transformer: nn.Module, compute: torch.dtype) -> int:
 def fp8_layers(transformer: nn.Module) -> list[str]:
     """Names of the Linears stored in fp8 (for tests and the benchmark)."""
     return [n for n, m in transformer.named_modules()
-            if type(m) is nn.Linear and m.weight.dtype in FP8_DTYPES]
+            if isinstance(m, nn.Linear) and m.weight.dtype in FP8_DTYPES]
 
 
 def t5_storable(module_name: str) -> bool:

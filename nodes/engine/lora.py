@@ -147,7 +147,11 @@ class LoraLinear(nn.Module):
         self.lora_down = None if down is None else nn.Parameter(down, requires_grad=False)
         self.lora_up = None if up is None else nn.Parameter(up, requires_grad=False)
         self.scale = scale
-        self.adapters: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        # (down, up, scale): the scale is a 0-dim fp32 tensor on the CPU, not a Python float, so a
+        # compiled block does not guard on its value (a new strength would recompile, and after 8
+        # recompiles torch.compile falls back to eager for good); a CPU scalar multiplies in fp32
+        # on any device, as the float did.
+        self.adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -304,8 +308,14 @@ def _adapt_user(transformer: nn.Module, state: LoraState, entries, device, dtype
             layer = LoraLinear(layer, None, None, 1.0)
             setattr(parent, child, layer)
             state._wrapped.append(module)
-        layer.adapters = [(part.down.to(device, dtype), part.up.to(device, dtype), scale) for part, scale in group]
+        layer.adapters = [(part.down.to(device, dtype), part.up.to(device, dtype), scale_tensor(scale))
+                          for part, scale in group]
         state._adapted.append(module)
+
+
+def scale_tensor(scale: float) -> torch.Tensor:
+    """A LoRA scale as `LoraLinear.adapters` holds it."""
+    return torch.tensor(float(scale), dtype=torch.float32)
 
 
 @torch.inference_mode()

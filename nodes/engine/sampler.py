@@ -73,6 +73,10 @@ def denoise(transformer, noise: torch.Tensor, t5_embeds: torch.Tensor, pooled: t
     n_style = 0 if style_tokens is None else style_tokens.shape[1]
     txt_ids = torch.zeros(n_style + t5_embeds.shape[1], 3, device=device)
     t5_embeds = t5_embeds.to(device, dtype)
+    if style_tokens is not None:
+        # Once per image: `style_injection`'s .to is then a no-op, not a blocking copy from
+        # pageable host memory in every step.
+        style_tokens = style_tokens.to(device, dtype)
     pooled = pooled.to(device, dtype)
     guidance_vec = torch.full((1,), guidance, device=device, dtype=dtype)
     total = len(timesteps) - 1

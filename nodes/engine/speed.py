@@ -194,6 +194,9 @@ def enable_step_cache(transformer: nn.Module, threshold: float) -> bool:
     if getattr(transformer, "is_cache_enabled", False):
         transformer.disable_cache()
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    from .context_parallel import share_step_cache_decision
+
+    share_step_cache_decision(transformer)  # split over ranks: one decision for all of them
     return True
 
 

@@ -161,3 +161,44 @@ def test_benchmark_script_runs_at_tiny_size(capsys, tmp_path):
     assert figures["tokens"] == {"noise": 48, "subject": 16, "image": 64, "style": 24, "text": 536,
                                  "total": 600}
     assert figures["uso"]["ms_per_step"] > 0 and figures["baseline"]["ms_per_step"] > 0
+
+
+def test_gpu_acceptance_script_runs_on_the_cpu_and_writes_its_tables(tmp_path, capsys):
+    """The GPU acceptance script at tiny size on the CPU (four rows of its matrix, compile with the
+    "eager" backend, no C++ build): JSON and Markdown hold every figure, memory modes give the
+    same image, compile gives the same image with a speed-up figure."""
+    import json
+
+    from nodes.benchmarks import gpu_acceptance
+
+    rows = "bf16 gpu,bf16 group_offload,fp8_e4m3fn gpu,fp8_e4m3fn gpu compile"
+    assert gpu_acceptance.main(["--size", "tiny", "--width", "64", "--height", "48", "--steps", "3",
+                                "--subject", "64", "--style-size", "64", "--compile-backend", "eager",
+                                "--rows", rows, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "acceptance.json").read_text())
+    # In the matrix's order of importance, whatever the order asked for.
+    assert [r["name"] for r in report["rows"]] == ["bf16 gpu", "fp8_e4m3fn gpu", "bf16 group_offload",
+                                                   "fp8_e4m3fn gpu compile"] and report["skipped"] == []
+    for row in report["rows"]:
+        for field in ("s_per_step", "e2e_s", "peak_vram_allocated", "peak_vram_device", "peak_host_ram",
+                      "pinned_bytes", "image_max_abs_diff", "image_mean_abs_diff", "agrees"):
+            assert field in row, field
+        assert row["s_per_step"] > 0 and row["e2e_s"] > 0 and row["peak_host_ram"] > 0
+        assert row["agrees"] and row["image_max_abs_diff"] == 0.0   # same image in every mode
+    assert report["rows"][3]["compile_speedup"] > 0 and report["all_agree"]
+    assert report["fp8_vs_bf16_mean_abs_diff"] > 0
+    table = (tmp_path / "acceptance.md").read_text()
+    assert "| fp8_e4m3fn | gpu | yes |" in table and table.count("\n| bf16 |") == 2
+
+
+def test_gpu_acceptance_stops_at_its_time_budget_and_lists_what_it_skipped(tmp_path, capsys):
+    import json
+
+    from nodes.benchmarks import gpu_acceptance
+
+    assert gpu_acceptance.main(["--size", "tiny", "--width", "64", "--height", "48", "--steps", "2",
+                                "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "acceptance.json").read_text())
+    assert report["rows"] == [] and len(report["skipped"]) == len(gpu_acceptance.MATRIX)
+    assert all("time budget" in s["why"] for s in report["skipped"])
+    assert "Skipped: bf16 gpu (time budget" in (tmp_path / "acceptance.md").read_text()
