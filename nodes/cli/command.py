@@ -289,8 +289,8 @@ def _check_remote_key(kind: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plan:
-        from ..engine.memory import full_size
-        print(full_size.markdown(full_size.plan_table()), end="")
+        from ..engine import memory_table
+        print(memory_table.markdown(memory_table.plan_table()), end="")
         return 0
     kind = _kind(args)
     problems = _check_flags(args)

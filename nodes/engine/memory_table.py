@@ -1,6 +1,6 @@
 """The memory plan of each file set at full size, before anything is loaded: the real
 architectures (nodes/engine/configs) built on the meta device in the dtypes `precision=auto`
-gives each kind of file, their bytes counted per module, and `plan.plan_memory` run against
+gives each kind of file, their bytes counted per module, and `memory.plan_memory` run against
 simulated cards and hosts. The README's plan table, `--plan` and the tests all come from here.
 
 Assumptions (stated, not measured): a card of N GiB has N - 0.5 GiB free (the CUDA context); a
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import fp8, lora
-from .plan import _GIB, HostMemory, MemoryPlan, ModelSizes, ModuleSize, plan_memory
-from .precision import FileStorage, Precision, resolve_precision
+from . import fp8, lora
+from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes, plan_memory
+from .memory.precision import FileStorage, Precision, resolve_precision
 
 CUDA_CONTEXT_BYTES = _GIB // 2
 HOST_SYSTEM_BYTES = 2 * _GIB
@@ -72,7 +72,7 @@ def _quantize_on_meta(transformer: nn.Module, quant: str) -> None:
 
 def model_sizes(file_set: FileSet, precision: Precision) -> ModelSizes:
     """The model set's bytes when `file_set` is loaded in `precision`, built on the meta device."""
-    from ..random_models import architectures, drop_post_layernorm
+    from .random_models import architectures, drop_post_layernorm
 
     make = architectures("full")
     with torch.device("meta"):
