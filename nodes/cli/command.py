@@ -29,7 +29,7 @@ from ..files import model_paths
 from ..jobs import manifest, ray_runner, runner
 from ..jobs.backend import TINY_NOTICE, Backend
 from ..jobs.plan import jobs_for
-from ..engine import full_size
+from ..engine import memory_table
 from ..jobs.progress import BatchProgress
 from ..remote import KeyProblem
 from ..remote.keys import resolve_key
@@ -265,7 +265,7 @@ def _check_remote_key(provider: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plan:
-        print(full_size.markdown(full_size.plan_table()), end="")
+        print(memory_table.markdown(memory_table.plan_table()), end="")
         return 0
     problems = _check_flags(args)
     if problems:

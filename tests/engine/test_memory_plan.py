@@ -1,4 +1,4 @@
-"""The memory plan at full size (nodes/engine/full_size.py): the real architectures built on
+"""The memory plan at full size (nodes/engine/memory_table.py): the real architectures built on
 the meta device in the dtypes `precision=auto` gives each file set, planned against simulated
 cards and hosts. No weight is allocated; what is asserted is the arithmetic the run uses."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nodes.engine import memory
-from nodes.engine import full_size
+from nodes.engine import memory_table
 from nodes.engine.memory.plan import (ALLOCATOR_SLACK_BYTES, DECODE_WORK_BYTES, MAX_PINNED_SHARE, MODE_ORDER,
                                       SAMPLING_WORK_BYTES, device_peak)
 
@@ -21,20 +21,20 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def rows():
-    return full_size.plan_table()
+    return memory_table.plan_table()
 
 
 @pytest.fixture(scope="module")
 def sizes():
-    return {fs.name: full_size.model_sizes(fs, memory.resolve_precision("auto", CUDA, fs.stored, native=True))
-            for fs in full_size.FILE_SETS}
+    return {fs.name: memory_table.model_sizes(fs, memory.resolve_precision("auto", CUDA, fs.stored, native=True))
+            for fs in memory_table.FILE_SETS}
 
 
 def test_pinning_is_counted_as_the_allocator_rounds_it_on_the_real_shapes():
     # Each pinned block is rounded up to a power of two: the bf16 FLUX transformer's 22.17 GiB
     # take 34.65 GiB page-locked (1.56x), T5-XXL's 8.87 GiB take 12.25 GiB (1.38x).
     bf16 = memory.resolve_precision("bf16", CUDA, native=True)
-    s = full_size.model_sizes(full_size.FILE_SETS[1], bf16)
+    s = memory_table.model_sizes(memory_table.FILE_SETS[1], bf16)
     assert round(s.transformer.weights / GIB, 2) == 22.17 and round(s.transformer.pinned / GIB, 2) == 34.65
     t5 = s.encoders[0]
     assert round(t5.weights / GIB, 2) == 8.87 and round(t5.pinned / GIB, 2) == 12.25
@@ -52,9 +52,9 @@ def test_no_plan_exceeds_the_hosts_ram_or_its_pin_cap(rows):
     for r in rows:
         total = r.host_gib * GIB
         if r.plan is None:   # does not fit: said so, and the weights indeed exceed the RAM
-            assert r.host_peak_bytes + full_size.HOST_SYSTEM_BYTES > total and "fits:" in r.advice
+            assert r.host_peak_bytes + memory_table.HOST_SYSTEM_BYTES > total and "fits:" in r.advice
             continue
-        assert r.host_peak_bytes + full_size.HOST_SYSTEM_BYTES <= total, r
+        assert r.host_peak_bytes + memory_table.HOST_SYSTEM_BYTES <= total, r
         assert r.plan.pinned_bytes <= r.plan.pin_budget_bytes <= total * MAX_PINNED_SHARE, r
 
 
@@ -63,7 +63,7 @@ def test_each_rows_mode_is_the_fastest_that_fits(rows, sizes):
     for r in rows:
         if r.plan is None:
             continue
-        free = r.card_gib * GIB - full_size.CUDA_CONTEXT_BYTES
+        free = r.card_gib * GIB - memory_table.CUDA_CONTEXT_BYTES
         chosen = candidates.index((r.plan.mode, r.plan.encoders))
         assert r.plan.fits and r.plan.device_peak_bytes <= free, r
         for faster in candidates[:chosen]:
@@ -80,19 +80,19 @@ def test_the_default_file_on_a_16_gb_card_samples_with_the_transformer_resident(
     assert row.plan.device_peak_bytes == fp8.transformer.weights + SAMPLING_WORK_BYTES + ALLOCATOR_SLACK_BYTES
     # The decode's 3 GiB beside the transformer (as before) would not have fitted: group offload.
     assert fp8.transformer.weights + SAMPLING_WORK_BYTES + DECODE_WORK_BYTES + ALLOCATOR_SLACK_BYTES > \
-        16 * GIB - full_size.CUDA_CONTEXT_BYTES
+        16 * GIB - memory_table.CUDA_CONTEXT_BYTES
 
 
 def test_the_default_file_fits_a_32_gb_host_and_bf16_split_files_say_what_would(rows):
     by = {(r.file_set, r.card_gib, r.host_gib): r for r in rows}
-    assert all(by[("fp8 all-in-one", c, 32)].fits for c in full_size.CARDS_GIB)
+    assert all(by[("fp8 all-in-one", c, 32)].fits for c in memory_table.CARDS_GIB)
     bf16 = by[("bf16 split", 24, 32)]
     assert bf16.plan is None and bf16.advice == "fits: fp8 all-in-one, a 64 GB host"
 
 
 def test_gguf_block_sizes_are_ggmls():
     gguf = pytest.importorskip("gguf")
-    for name, blocks in full_size.GGUF_BLOCKS.items():
+    for name, blocks in memory_table.GGUF_BLOCKS.items():
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == blocks
 
 
@@ -100,14 +100,14 @@ def test_readme_plan_table_is_what_the_code_computes(rows):
     text = README.read_text(encoding="utf-8")
     found = re.search(r"<!-- plan-table -->\n(.*?)<!-- /plan-table -->", text, re.S)
     assert found, "README lacks the plan table markers"
-    assert found.group(1) == full_size.markdown(rows)
+    assert found.group(1) == memory_table.markdown(rows)
 
 
 def test_the_command_line_prints_the_plan_table(rows, capsys):
     from nodes.cli import command
 
     assert command.main(["--plan"]) == 0
-    assert capsys.readouterr().out == full_size.markdown(rows)
+    assert capsys.readouterr().out == memory_table.markdown(rows)
 
 
 def test_the_plan_is_logged_when_the_models_load(caplog):

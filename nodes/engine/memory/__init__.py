@@ -1,5 +1,5 @@
 """Memory: which dtype each model runs in (`precision`), which memory mode fits (`plan`; at full
-size before loading: `full_size`), and where each model lives and moving it there (`placement`).
+size before loading: `engine.memory_table`), and where each model lives and moving it there (`placement`).
 
 Built on diffusers' own machinery:
 - fp8 storage: diffusers' layerwise casting hooks (weights stored in float8, upcast per layer to the

@@ -2,7 +2,7 @@
 it takes, and how much host RAM may be page-locked.
 
 The same arithmetic serves a loaded pipeline (its real modules) and the full-size table
-(`engine.full_size`: the real architectures built on the meta device), so what the README and
+(`engine.memory_table`: the real architectures built on the meta device), so what the README and
 `--plan` print is what a run decides.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The memory plan of each file set at full size, before anything is loaded: the real
 architectures (nodes/engine/configs) built on the meta device in the dtypes `precision=auto`
-gives each kind of file, their bytes counted per module, and `plan.plan_memory` run against
+gives each kind of file, their bytes counted per module, and `memory.plan_memory` run against
 simulated cards and hosts. The README's plan table, `--plan` and the tests all come from here.
 
 Assumptions (stated, not measured): a card of N GiB has N - 0.5 GiB free (the CUDA context); a
@@ -16,8 +16,12 @@ import torch
 from torch import nn
 
 from . import fp8, lora
+<<<<<<<< HEAD:nodes/engine/full_size.py
 from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes, ModuleSize, plan_memory
 from .random_models import architectures, drop_post_layernorm
+========
+from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes, plan_memory
+>>>>>>>> plan:nodes/engine/memory_table.py
 from .memory.precision import FileStorage, Precision, resolve_precision
 
 CUDA_CONTEXT_BYTES = _GIB // 2
@@ -73,6 +77,11 @@ def _quantize_on_meta(transformer: nn.Module, quant: str) -> None:
 
 def model_sizes(file_set: FileSet, precision: Precision) -> ModelSizes:
     """The model set's bytes when `file_set` is loaded in `precision`, built on the meta device."""
+<<<<<<<< HEAD:nodes/engine/full_size.py
+========
+    from .random_models import architectures, drop_post_layernorm
+
+>>>>>>>> plan:nodes/engine/memory_table.py
     make = architectures("full")
     with torch.device("meta"):
         transformer = make["transformer"]().to(precision.compute)
