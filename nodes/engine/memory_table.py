@@ -16,12 +16,7 @@ import torch
 from torch import nn
 
 from . import fp8, lora
-<<<<<<<< HEAD:nodes/engine/full_size.py
-from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes, ModuleSize, plan_memory
-from .random_models import architectures, drop_post_layernorm
-========
 from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes, plan_memory
->>>>>>>> plan:nodes/engine/memory_table.py
 from .memory.precision import FileStorage, Precision, resolve_precision
 
 CUDA_CONTEXT_BYTES = _GIB // 2
@@ -77,11 +72,8 @@ def _quantize_on_meta(transformer: nn.Module, quant: str) -> None:
 
 def model_sizes(file_set: FileSet, precision: Precision) -> ModelSizes:
     """The model set's bytes when `file_set` is loaded in `precision`, built on the meta device."""
-<<<<<<<< HEAD:nodes/engine/full_size.py
-========
     from .random_models import architectures, drop_post_layernorm
 
->>>>>>>> plan:nodes/engine/memory_table.py
     make = architectures("full")
     with torch.device("meta"):
         transformer = make["transformer"]().to(precision.compute)
