@@ -18,8 +18,9 @@ FP8_SKIP_PATTERNS = (r"pos_embed", r"norm_q$", r"norm_k$", r"norm_added_q$", r"n
                      r"^proj_out$", r"^x_embedder$", r"^context_embedder$", r"time_text_embed")
 
 
-class FP8Linear(nn.Linear):
-    """A Linear whose weight is stored in float8 and upcast to `compute_dtype` inside `forward`
+class UpcastLinear(nn.Linear):
+    """A Linear whose weight is stored in float8 (or, in T5, in another dtype than it computes in)
+    and upcast to `compute_dtype` inside `forward`
     (times `weight_scale`, an fp32 scalar buffer, for ComfyUI's scaled fp8 files; a buffer, so it
     moves with the module under every memory mode). The bias stays in the compute dtype.
 
@@ -39,14 +40,14 @@ class FP8Linear(nn.Linear):
         return F.linear(x, weight, self.bias)
 
 
-def _store_in_fp8(linear: nn.Linear, storage: torch.dtype, compute: torch.dtype) -> None:
-    """Turn `linear` (in place: whoever holds it keeps the same module) into an FP8Linear."""
+def _upcast_per_call(linear: nn.Linear, storage: torch.dtype, compute: torch.dtype) -> None:
+    """Turn `linear` (in place: whoever holds it keeps the same module) into an UpcastLinear."""
     linear.weight.data = linear.weight.data.to(storage)
     if linear.bias is not None:
         linear.bias.data = linear.bias.data.to(compute)
     if "weight_scale" not in linear._buffers:
         linear.register_buffer("weight_scale", None)
-    linear.__class__ = FP8Linear
+    linear.__class__ = UpcastLinear
     linear.compute_dtype = compute
 
 
@@ -54,7 +55,7 @@ def keep_scaled_fp8(linear: nn.Linear, scale: torch.Tensor, compute: torch.dtype
     """Store `linear`'s fp8 weight with its per-tensor `scale` and upcast it (times the scale) to
     `compute` per call; `enable_fp8_storage` then leaves the layer as it is."""
     linear.register_buffer("weight_scale", scale.to(torch.float32).reshape(()))
-    _store_in_fp8(linear, linear.weight.dtype, compute)
+    _upcast_per_call(linear, linear.weight.dtype, compute)
 
 
 def fp8_storable(module_name: str) -> bool:
@@ -64,14 +65,14 @@ def fp8_storable(module_name: str) -> bool:
 def enable_fp8_storage(transformer: nn.Module, compute: torch.dtype) -> int:
     """Store every Linear weight whose module `fp8_storable` allows in float8 (fp8 files keep
     their own fp8 dtype, other weights become float8_e4m3fn, saturating at +-448) and upcast it to
-    `compute` per layer at run time (`FP8Linear`). Biases stay in `compute`. The LoRA of an unfused
+    `compute` per layer at run time (`UpcastLinear`). Biases stay in `compute`. The LoRA of an unfused
     `LoraLinear` is not a Linear and stays in `compute`. Returns how many layers are stored in fp8."""
     count = 0
     for name, module in transformer.named_modules():
         if type(module) is not nn.Linear or not fp8_storable(name):
             continue
         storage = module.weight.dtype if module.weight.dtype in FP8_DTYPES else torch.float8_e4m3fn
-        _store_in_fp8(module, storage, compute)
+        _upcast_per_call(module, storage, compute)
         count += 1
     return count
 
@@ -90,18 +91,13 @@ def t5_storable(module_name: str) -> bool:
 
 
 def keep_stored_linears(model: nn.Module, compute: torch.dtype) -> int:
-    """Upcast to `compute` per layer, with diffusers' layerwise casting hook, every Linear of
-    `model` whose weight is stored in another dtype (T5 kept in fp8, or in 16 bits computing in
-    fp32). Layers already hooked (scaled fp8) stay as they are. Returns how many were hooked."""
-    from diffusers.hooks import apply_layerwise_casting_hook
-
+    """Upcast to `compute` per call (`UpcastLinear`) every Linear of `model` whose weight is stored
+    in another dtype (T5 kept in fp8, or in 16 bits computing in fp32). Layers already converted
+    (scaled fp8) are no plain Linear and stay as they are. Returns how many were converted."""
     count = 0
     for module in model.modules():
         if type(module) is not nn.Linear or module.weight.dtype == compute:
             continue
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook("layerwise_casting") is not None:
-            continue
-        apply_layerwise_casting_hook(module, module.weight.dtype, compute, non_blocking=False)
+        _upcast_per_call(module, module.weight.dtype, compute)
         count += 1
     return count

@@ -144,7 +144,7 @@ def transformer_component(path: str) -> tuple[Component, str]:
 
 def load_transformer(path: str, compute_dtype: torch.dtype, fp8_storage: bool = False):
     """A FluxTransformer2DModel. With fp8_storage, Linear weights are kept in float8_e4m3fn
-    (fp8 files stay as they are), upcast per call to `compute_dtype` (`fp8.FP8Linear`)."""
+    (fp8 files stay as they are), upcast per call to `compute_dtype` (`fp8.UpcastLinear`)."""
     from diffusers import FluxTransformer2DModel
 
     component, layout = transformer_component(path)

@@ -94,7 +94,7 @@ def test_fp8_storage_compiles_without_graph_breaks(storage, graphs_without_fp8):
 def test_fp8_storage_keeps_biases_in_the_compute_dtype():
     transformer = _transformer()
     fp8.enable_fp8_storage(transformer, BF16)
-    stored = {n: m for n, m in transformer.named_modules() if isinstance(m, fp8.FP8Linear)}
+    stored = {n: m for n, m in transformer.named_modules() if isinstance(m, fp8.UpcastLinear)}
     assert "transformer_blocks.0.norm1.linear" in stored  # AdaLN modulation
     for name, m in stored.items():
         assert m.weight.dtype == torch.float8_e4m3fn, name

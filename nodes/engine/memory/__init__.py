@@ -2,8 +2,8 @@
 size before loading: `engine.memory_table`), and where each model lives and moving it there (`placement`).
 
 Built on diffusers' own machinery:
-- fp8 storage: diffusers' layerwise casting hooks (weights stored in float8, upcast per layer to the
-  compute dtype), with our skip list (`fp8.FP8_SKIP_PATTERNS`, `fp8.py`), which unlike diffusers' default
+- fp8 storage: `fp8.UpcastLinear` (weights stored in float8, upcast to the compute dtype inside the
+  layer's own forward, so `compile` traces it), with our skip list (`fp8.FP8_SKIP_PATTERNS`, `fp8.py`), which unlike diffusers' default
   also stores the AdaLN modulation Linears in fp8. An unfused LoRA stays in the compute dtype on top.
 - group offload: diffusers' `apply_group_offloading` (block level for the transformer, CUDA stream
   prefetch of the next block; leaf level for the encoders).
