@@ -233,7 +233,7 @@ def run_baseline(args, device, precision, tokens, uso_step: USOStep) -> dict:
     try:
         base = Baseline(args, device, precision, tokens)
         base.forward()                                    # warm-up
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError exists only from torch 2.5
         return {"error": "out of memory beside the USO models (use --memory group_offload or a larger GPU)"}
     own_vram = torch.cuda.max_memory_allocated(device) - vram_before if device.type == "cuda" else 0
     own_ram = max(0, _peak_rss_bytes() - ram_before)

@@ -18,8 +18,9 @@ What the CPU cannot show, and why: ComfyUI 0.8.0's load_models_gpu calls free_me
 devices other than the CPU (model_management.load_models_gpu: `if device != torch.device("cpu")`),
 so on --cpu loading a model never unloads another: in the graph with both, loading ours leaves
 the native TAESD listed. Expectation on a GPU (same code path, device cuda):
-loading ours calls load_models_gpu(ours, memory_required=6 GiB activations margin), which frees
-model_size x 1.1 + max(1.2 GiB, 6.4 GiB) of VRAM by unloading ComfyUI's models (TAESD, a native
+loading ours calls load_models_gpu(ours, memory_required=the job's working memory: 1 GiB to sample,
+3 GiB to decode, 0.5 GiB to encode), which frees model_size x 1.1 + that + ComfyUI's reserve of VRAM
+by unloading ComfyUI's models (TAESD, a native
 FLUX) when less is free; a native node's load_models_gpu unloads our modules (the engine's
 placement moves them to the CPU) when it needs the room, and our next run places them again.
 """
