@@ -103,7 +103,13 @@ def test_two_workers_write_the_same_files_as_one_process(ray_address, tiny_model
                                                 "--ray-workers", "2", "--verbose", "--progress", "on"]]) == 0
     out, err = capsys.readouterr()
     assert re.search(r"jobs: 100%.*6/6", err)             # the tqdm bar across the cluster's jobs
-    assert len(re.findall(r"Ray: worker \d \(.*\) ready", out)) == 2
+    assert "Ray: starting 2 workers" in out
+    ready = set(re.findall(r"Ray: (worker \d) \(.*\) ready", out))
+    # A worker still loading when the other has finished every job is not waited for (on a busy
+    # 2-core machine one worker can run all 6), so 1 or 2 workers report ready; each job ran on one.
+    assert 1 <= len(ready) <= 2
+    ran_on = re.findall(r"\[\d/6\] \S+ line \d+ -> (worker \d) \(", out)
+    assert len(ran_on) == 6 and set(ran_on) <= ready
     assert "Summary: 6 jobs: 6 done (7 images), 0 skipped, 0 failed" in out
     one, on_ray = files_in(tmp_path / "one"), files_in(tmp_path / "ray")
     assert list(on_ray) == list(one) and len(one) == 7
