@@ -52,16 +52,32 @@ SLOTS = {
 EMBEDDED_SLOTS = ("vae", "t5", "clip_l")
 
 
-def choice_label(folder: str, name: str) -> str:
-    """How a file is shown in the transformer combo: checkpoints and diffusers folders get a prefix
-    so the same name in two folders stays unambiguous."""
-    return name if folder == "diffusion_models" else f"{folder}/{name}"
+#: Transformer folders whose files an older label named with a `folder/` prefix
+#: (`checkpoints/flux1-dev-fp8.safetensors`); saved workflows still hold such labels.
+PREFIXED_FOLDERS = ("checkpoints", "diffusers")
 
 
-def parse_choice(slot: str, label: str) -> tuple[str, str]:
-    """(folder, name) for a combo label of `slot`."""
+def transformer_labels(found: dict[str, list[str]]) -> dict[str, tuple[str, str]]:
+    """{combo label: (folder, name)} for the transformer files `found` per folder. A label is the plain
+    file name, because ComfyUI's frontend offers a workflow's missing-model download only where a
+    `properties.models` name equals a widget value. Only a name held by two folders gets a `folder/`
+    prefix on its later copies (folder order: diffusion_models, checkpoints, diffusers)."""
+    labels: dict[str, tuple[str, str]] = {}
+    for folder in SLOTS["transformer"].folders:
+        for name in found.get(folder, []):
+            label = name if name not in labels else f"{folder}/{name}"
+            labels.setdefault(label, (folder, name))
+    return labels
+
+
+def parse_choice(slot: str, label: str, places: dict[str, tuple[str, str]] | None = None) -> tuple[str, str]:
+    """(folder, name) for a combo value of `slot`. For the transformer, `places` is
+    `transformer_labels` of the files present; a value not among them in the older prefixed form
+    (`checkpoints/<file>`) names its folder, any other is taken as a diffusion_models file."""
     if slot == "transformer":
-        for folder in ("checkpoints", "diffusers"):
+        if places and label in places:
+            return places[label]
+        for folder in PREFIXED_FOLDERS:
             if label.startswith(folder + "/"):
                 return folder, label[len(folder) + 1:]
         return "diffusion_models", label

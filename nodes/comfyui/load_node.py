@@ -10,16 +10,18 @@ from ..engine import EngineOptions, InputError, ModelFiles, USOError
 from ..engine.memory import ENCODER_PLACEMENTS, MEMORY_MODES, PRECISIONS
 from ..engine.speed import ATTENTION_CHOICES, STEP_CACHE_MAX, check_step_cache
 from ..engine.pipeline import LORA_MODES
-from ..model_catalog import EMBEDDED_SLOTS, FROM_CHECKPOINT, SLOTS, choice_label, parse_choice, pick_default
+from ..model_catalog import EMBEDDED_SLOTS, FROM_CHECKPOINT, SLOTS, parse_choice, pick_default, transformer_labels
 
 LOAD_STEPS = ("transformer", "uso_lora", "vae", "t5", "clip_l", "tokenizers", "siglip", "projector")
 
 
+def transformer_places() -> dict[str, tuple[str, str]]:
+    """{combo label: (folder, name)} of the transformer files in ComfyUI's folders."""
+    return transformer_labels({folder: bridge.list_model_files(folder) for folder in SLOTS["transformer"].folders})
+
+
 def transformer_choices() -> list[str]:
-    labels = []
-    for folder in SLOTS["transformer"].folders:
-        labels += [choice_label(folder, name) for name in bridge.list_model_files(folder)]
-    return labels
+    return list(transformer_places())
 
 
 def slot_choices(slot: str) -> list[str]:
@@ -45,9 +47,10 @@ def default_choices() -> dict[str, tuple[list[str], str]]:
     """{slot: (choices, default)} for the file inputs of a fresh node. With an all-in-one checkpoint
     or a diffusers folder as the default transformer, vae / t5 / clip_l default to '(from
     checkpoint)' (its own parts, all three alike); with a bare transformer, to their own files."""
-    transformers = transformer_choices()
+    places = transformer_places()
+    transformers = list(places)
     transformer = pick_default("transformer", transformers) or (transformers[0] if transformers else "")
-    bundled = bool(transformer) and parse_choice("transformer", transformer)[0] != "diffusion_models"
+    bundled = bool(transformer) and parse_choice("transformer", transformer, places)[0] != "diffusion_models"
     out = {"transformer": (transformers, transformer)}
     for slot in ("vae", "t5", "clip_l", "siglip", "uso_lora", "projector"):
         choices = slot_choices(slot)
@@ -62,7 +65,7 @@ def resolve(slot: str, label: str) -> str | None:
     """Absolute path for a combo value; None for "(from checkpoint)"."""
     if label == FROM_CHECKPOINT and slot in EMBEDDED_SLOTS:
         return None
-    folder, name = parse_choice(slot, label)
+    folder, name = parse_choice(slot, label, transformer_places() if slot == "transformer" else None)
     try:
         return bridge.resolve_model_path(folder, name)
     except (ValueError, FileNotFoundError) as exc:
@@ -128,6 +131,21 @@ class USOLoadModels(io.ComfyNode):
                                              "the USO nodes.")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, transformer):
+        # Takes over ComfyUI's own "is the value in the list" check for this one input, so that saved
+        # workflows holding the older label `checkpoints/<file>` (now offered as `<file>`) still run.
+        # ComfyUI reports the message under each argument of this method: transformer only.
+        if transformer is None or transformer in transformer_places():
+            return True
+        try:
+            resolve("transformer", transformer)
+        except USOError:
+            return (f"transformer: '{transformer}' is not a file in ComfyUI's diffusion_models, checkpoints or "
+                    f"diffusers folders; pick one of the listed files, or download {SLOTS['transformer'].url} "
+                    f"into models/{SLOTS['transformer'].directory}.")
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, **widgets):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..engine.model_set import ModelFiles
 from .. import model_catalog
-from ..model_catalog import EMBEDDED_SLOTS, SLOTS, choice_label, parse_choice, pick_default
+from ..model_catalog import EMBEDDED_SLOTS, SLOTS, parse_choice, pick_default, transformer_labels
 
 #: ComfyUI's model folder names and their sub-directories of ``models/`` (legacy names included).
 COMFY_SUBDIRS = {
@@ -235,15 +235,19 @@ def list_files(folders: dict[str, list[str]], folder: str) -> list[str]:
     return model_catalog.list_folder_files(folders.get(folder, []), folder)
 
 
+def _transformer_places(folders: dict[str, list[str]]) -> dict[str, tuple[str, str]]:
+    return transformer_labels({folder: list_files(folders, folder) for folder in SLOTS["transformer"].folders})
+
+
 def _candidates(folders: dict[str, list[str]], slot: str) -> list[str]:
     if slot == "transformer":
-        return [choice_label(folder, name) for folder in SLOTS[slot].folders for name in list_files(folders, folder)]
+        return list(_transformer_places(folders))
     return [name for folder in SLOTS[slot].folders for name in list_files(folders, folder)]
 
 
 def _by_name(folders: dict[str, list[str]], slot: str, name: str) -> str | None:
     """`name` as a file inside the slot's folders (a loader-node label for the transformer)."""
-    tries = [parse_choice(slot, name)] if slot == "transformer" else []
+    tries = [parse_choice(slot, name, _transformer_places(folders))] if slot == "transformer" else []
     tries += [(folder, name) for folder in SLOTS[slot].folders]
     for folder, rel in tries:
         for root in folders.get(folder, []):

@@ -112,13 +112,7 @@ def test_missing_models_dialog_lists_every_removed_file_with_its_download(comfy,
         assert dialog.locator(f"button[title='{m['url']}']").get_by_text("Download").count() == 1
 
 
-@pytest.mark.parametrize("which", [
-    "others",
-    pytest.param("checkpoint", marks=pytest.mark.xfail(strict=True, reason=(
-        "frontend 1.58 lists the widget value 'checkpoints/flux1-dev-fp8.safetensors' in folder 'Unknown' "
-        "without a download: it matches model entries to widget values by name, so the transformer combo "
-        "would have to offer the checkpoint as 'flux1-dev-fp8.safetensors' (a node-side change)"))),
-])
+@pytest.mark.parametrize("which", ["others", "checkpoint"])
 def test_latest_frontend_lists_removed_models_with_folder_and_download(latest_comfy, page, missing_models_warning,
                                                                       remove_models, which):
     models = _uso_style_models()

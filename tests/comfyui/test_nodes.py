@@ -1,10 +1,13 @@
 """The local nodes called as ComfyUI calls them: schema -> validate_inputs -> execute (V3, on a locked class clone)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from nodes.comfyui import NODE_CLASS_MAPPINGS, bridge, pipeline_cache
+from nodes import model_catalog
+from nodes.comfyui import NODE_CLASS_MAPPINGS, bridge, load_node, pipeline_cache
 from nodes.engine import InputError, USOError
 from nodes.model_catalog import FROM_CHECKPOINT
 from reliability_helpers import CHECKPOINT_LOADER, node
@@ -51,8 +54,10 @@ def test_loader_lists_comfyui_model_folders_with_defaults(comfy_folders):
     types = wr.input_types(NODE_CLASS_MAPPINGS["USOLoadModels"])["required"]
     transformers = types["transformer"][0]
     assert "flux1-dev.safetensors" in transformers
-    assert "checkpoints/flux1-dev-fp8.safetensors" in transformers
-    assert "diffusers/FLUX.1-dev" in transformers
+    # Plain file names, whichever folder holds them: the frontend matches a workflow's
+    # properties.models names against widget values.
+    assert "flux1-dev-fp8.safetensors" in transformers and "FLUX.1-dev" in transformers
+    assert not [t for t in transformers if t.startswith(("checkpoints/", "diffusers/"))], transformers
     assert "flux1-dev-Q8_0.gguf" in transformers
     assert types["transformer"][1]["default"] == "flux1-dev.safetensors"
     assert types["vae"][0][0] == FROM_CHECKPOINT and "ae.safetensors" in types["vae"][0]
@@ -173,10 +178,37 @@ def test_fresh_loader_with_an_all_in_one_checkpoint_takes_all_its_parts_from_it(
     monkeypatch.setitem(bridge.standalone_model_folders, "diffusion_models", [])
     monkeypatch.setitem(bridge.standalone_model_folders, "diffusers", [])
     required = wr.input_types(NODE_CLASS_MAPPINGS["USOLoadModels"])["required"]
-    assert required["transformer"][1]["default"] == "checkpoints/flux1-dev-fp8.safetensors"
+    assert required["transformer"][1]["default"] == "flux1-dev-fp8.safetensors"
     assert [required[slot][1]["default"] for slot in ("vae", "t5", "clip_l")] == [FROM_CHECKPOINT] * 3
     assert "ae.safetensors" in required["vae"][0]  # still offered
     assert required["siglip"][1]["default"] == "sigclip_vision_patch14_384.safetensors"
+
+
+def test_loader_transformer_accepts_the_older_prefixed_label_and_names_a_missing_file(comfy_folders):
+    # Workflows saved before the plain labels hold `checkpoints/flux1-dev-fp8.safetensors`.
+    loader = NODE_CLASS_MAPPINGS["USOLoadModels"]
+    for value in ("flux1-dev-fp8.safetensors", "checkpoints/flux1-dev-fp8.safetensors"):
+        assert wr.validation_errors(loader, {"transformer": value}) == []
+        path = load_node.resolve("transformer", value)
+        assert path.replace(os.sep, "/").endswith("/checkpoints/flux1-dev-fp8.safetensors"), path
+    assert load_node.resolve("transformer", "diffusers/FLUX.1-dev") == load_node.resolve("transformer", "FLUX.1-dev")
+    errors = wr.validation_errors(loader, {"transformer": "checkpoints/nothing.safetensors"})
+    assert [e["input_name"] for e in errors] == ["transformer"], errors
+    assert "transformer: 'checkpoints/nothing.safetensors' is not a file" in errors[0]["details"]
+
+
+def test_transformer_labels_prefix_only_a_name_held_by_two_folders():
+    labels = model_catalog.transformer_labels({"diffusion_models": ["a.safetensors", "b.safetensors"],
+                                               "checkpoints": ["a.safetensors", "c.safetensors"],
+                                               "diffusers": ["D"]})
+    assert labels == {"a.safetensors": ("diffusion_models", "a.safetensors"),
+                      "b.safetensors": ("diffusion_models", "b.safetensors"),
+                      "checkpoints/a.safetensors": ("checkpoints", "a.safetensors"),
+                      "c.safetensors": ("checkpoints", "c.safetensors"), "D": ("diffusers", "D")}
+    for label, place in labels.items():
+        assert model_catalog.parse_choice("transformer", label, labels) == place
+    # The older prefixed form, for a file that is now listed plain:
+    assert model_catalog.parse_choice("transformer", "checkpoints/c.safetensors", labels) == ("checkpoints", "c.safetensors")
 
 
 def test_validation_reports_each_problem_once_under_its_input(comfy_folders):

@@ -31,7 +31,8 @@ def test_every_model_entry_is_one_the_frontend_keeps(path):
 def test_the_checkpoint_the_loader_names_is_offered_for_download(path):
     wf = json.loads(path.read_text(encoding="utf-8"))
     loader = next(n for n in wf["nodes"] if n["type"] == "USOLoadModels")
-    folder, name = loader["widgets_values"][0].split("/", 1)
-    assert folder == "checkpoints"
-    offered = {(m["directory"], m["name"]): m["url"] for m in declared_models(wf)}
-    assert offered[(folder, name)].endswith("/" + name)
+    # The transformer widget holds the plain file name, which the loader's own entry matches.
+    name = loader["widgets_values"][0]
+    assert name == "flux1-dev-fp8.safetensors"
+    offered = {(m["directory"], m["name"]): m["url"] for m in loader["properties"]["models"]}
+    assert offered[("checkpoints", name)].endswith("/" + name)

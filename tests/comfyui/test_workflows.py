@@ -81,7 +81,8 @@ def test_workflow_lists_its_models_for_the_missing_models_dialog(name):
         assert all("models" not in n["properties"] for n in wf["nodes"])
         return
     loaders = [n for n in wf["nodes"] if n["type"] == "USOLoadModels"]
-    models = loaders[0]["properties"]["models"] + wf.get("models", [])  # the checkpoint: workflow level
+    models = loaders[0]["properties"]["models"]
+    assert "models" not in wf  # every entry on the loader, whose widget value it matches
     assert {m["directory"] for m in models} == {"checkpoints", "loras", "model_patches", "clip_vision"}
     for m in models:
         assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith(m["name"])

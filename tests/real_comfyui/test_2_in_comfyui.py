@@ -77,8 +77,9 @@ def test_model_combos_list_the_tiny_files(comfy, comfy_stage):
     inputs = comfy.object_info("USOLoadModels")["input"]["required"]
     models = comfy_stage.models_dir
     expected = {
-        "transformer": ["checkpoints/flux1-dev-fp8.safetensors", "flux1-dev.safetensors", "flux1-dev-fp8-e4m3fn.safetensors",
-                        "flux1-dev-fp8-scaled.safetensors", "diffusers/FLUX.1-dev"]
+        # Plain names whichever folder holds them: the frontend matches properties.models names to them.
+        "transformer": ["flux1-dev-fp8.safetensors", "flux1-dev.safetensors", "flux1-dev-fp8-e4m3fn.safetensors",
+                        "flux1-dev-fp8-scaled.safetensors", "FLUX.1-dev"]
                        + (["flux1-dev-Q8_0.gguf"] if (models / "diffusion_models" / "flux1-dev-Q8_0.gguf").exists() else []),
         "vae": ["(from checkpoint)", "ae.safetensors"],
         "t5": ["(from checkpoint)", "t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors",
@@ -116,6 +117,25 @@ def test_a_new_model_file_appears_after_a_refresh_and_a_wrong_one_is_refused_by_
     finally:
         target.unlink()
     assert name not in _choices(comfy.object_info("USOLoadModels")["input"]["required"]["transformer"])
+
+
+def test_workflows_saved_with_the_older_prefixed_transformer_label_still_run(comfy):
+    # Before plain labels the checkpoint was offered as `checkpoints/flux1-dev-fp8.safetensors`;
+    # saved workflows keep that value, which is no longer in the list ComfyUI checks against.
+    prompt = rc.tiny_prompt(rc.load_workflow(rc.WORKFLOWS / "api" / "uso_style.json"))
+    loader = rc.node_id(prompt, "USOLoadModels")
+    assert prompt[loader]["inputs"]["transformer"] == "flux1-dev-fp8.safetensors"
+    prompt[loader]["inputs"]["transformer"] = "checkpoints/flux1-dev-fp8.safetensors"
+    run = comfy.run(prompt)
+    assert run.status == "success", run.describe()
+    # A prefixed name of a file that is not there: refused before the run, once, under transformer.
+    prompt[loader]["inputs"]["transformer"] = "checkpoints/nothing.safetensors"
+    with pytest.raises(rc.PromptRejected) as rejected:
+        comfy.queue(prompt)
+    errors = rejected.value.body["node_errors"][loader]["errors"]
+    print(f"\n[old label, missing file] {[(e['extra_info'].get('input_name'), e['details']) for e in errors]}")
+    assert [e["extra_info"]["input_name"] for e in errors] == ["transformer"], errors
+    assert "transformer: 'checkpoints/nothing.safetensors' is not a file" in errors[0]["details"]
 
 
 # -- the template browser -------------------------------------------------------------------------
