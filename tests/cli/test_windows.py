@@ -87,3 +87,44 @@ def test_comfyui_imports_only_the_init_and_never_the_launcher():
                           "print(sys.path[0] == sys.argv[1], 'nodes.cli' in sys.modules)", PACK],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["True", "False"], out.stderr
+
+
+def _tokenizer_files(folder):
+    folder.mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text("{}")
+
+
+def test_desktop_tokenizers_found_in_the_app_resources(tmp_path, monkeypatch):
+    from nodes import model_catalog
+    from nodes.files import model_paths
+
+    # Desktop: models/ under the user's base folder, comfy/ in the app's resources.
+    resources = tmp_path / "AppData" / "Local" / "Programs" / "@comfyorgcomfyui-electron" / "resources" / "ComfyUI"
+    _tokenizer_files(resources / "comfy" / "sd1_tokenizer")
+    _tokenizer_files(resources / "comfy" / "text_encoders" / "t5_tokenizer")
+    models = tmp_path / "Documents" / "ComfyUI" / "models"
+    models.mkdir(parents=True)
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "AppData" / "Local"))
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert model_paths.tokenizer_dirs_beside([str(models)]) == {}
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert model_catalog.desktop_comfyui_dirs() == [str(resources)]
+    assert model_paths.tokenizer_dirs_beside([str(models)]) == {
+        "clip_l": str(resources / "comfy" / "sd1_tokenizer"),
+        "t5": str(resources / "comfy" / "text_encoders" / "t5_tokenizer")}
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert model_catalog.desktop_comfyui_dirs() == ["/Applications/ComfyUI.app/Contents/Resources/ComfyUI"]
+
+
+def test_tokenizer_message_names_the_desktop_location_and_the_option():
+    from nodes.engine.errors import TokenizerNotFoundError
+    from nodes.engine.tokenizers import load_tokenizer
+
+    with pytest.raises(TokenizerNotFoundError) as err:
+        load_tokenizer("t5", [])
+    msg = str(err.value)
+    assert "ComfyUI Desktop" in msg
+    assert r"%LOCALAPPDATA%\Programs\@comfyorgcomfyui-electron\resources\ComfyUI\comfy" in msg
+    assert "/Applications/ComfyUI.app/Contents/Resources/ComfyUI/comfy" in msg
+    assert "USO_TOKENIZER_DIR" in msg
