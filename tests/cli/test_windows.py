@@ -128,3 +128,35 @@ def test_tokenizer_message_names_the_desktop_location_and_the_option():
     assert r"%LOCALAPPDATA%\Programs\@comfyorgcomfyui-electron\resources\ComfyUI\comfy" in msg
     assert "/Applications/ComfyUI.app/Contents/Resources/ComfyUI/comfy" in msg
     assert "USO_TOKENIZER_DIR" in msg
+
+
+# -- 3. host RAM on every OS ------------------------------------------------------------------------
+
+def test_host_ram_known_without_proc_and_sysconf(monkeypatch):
+    """Windows has neither /proc/meminfo nor os.sysconf: the pin budget is still bounded."""
+    from nodes.engine import memory
+    from nodes.engine.memory import plan
+
+    def no_proc(file, *a, **k):
+        if str(file).startswith("/proc"):
+            raise FileNotFoundError(file)
+        return open(file, *a, **k)
+
+    # The engine's own reads see no /proc and no sysconf (psutil keeps its own, as on Windows it
+    # asks the Windows API).
+    monkeypatch.setattr(plan, "open", no_proc, raising=False)
+    monkeypatch.setattr(plan, "os", type("os_without_sysconf", (), {"path": os.path})())
+    host = memory.host_memory()
+    assert host is not None and 0 < host.available <= host.total
+    import psutil
+    assert host.total == psutil.virtual_memory().total
+    budget = memory.pin_budget(host)
+    assert budget is not None and 0 <= budget <= host.total // 2
+
+
+def test_psutil_is_a_requirement():
+    import tomllib
+
+    req = open(os.path.join(PACK, "requirements.txt")).read().split()
+    deps = tomllib.load(open(os.path.join(PACK, "pyproject.toml"), "rb"))["project"]["dependencies"]
+    assert any(r.startswith("psutil") for r in req) and any(d.startswith("psutil") for d in deps)
