@@ -14,6 +14,7 @@ whose data is broken fails when its job runs.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import json
@@ -101,15 +102,48 @@ def read_rows(path: str) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]
     for each row that cannot be read. ManifestError when the file itself cannot be."""
     name = os.path.basename(path)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise ManifestError([f"{path}: cannot read the manifest ({exc.strerror or exc})."]) from None
+    text = decode_manifest(name, data)
     if path.lower().endswith(".csv"):
         return _csv_rows(name, text)
     if path.lower().endswith((".jsonl", ".ndjson", ".json")):
         return _jsonl_rows(name, text)
     raise ManifestError([f"{path}: a manifest ends in .jsonl (JSON Lines) or .csv."])
+
+
+def decode_manifest(name: str, data: bytes) -> str:
+    """A manifest's text as Windows tools save it: UTF-8 with or without a BOM (Notepad, Excel's
+    "CSV UTF-8"), UTF-16 with a BOM (PowerShell 5.1's `>` and `Out-File`, Excel's "Unicode Text"),
+    else cp1252 (Excel's "CSV (Comma delimited)" on Western Windows). Bytes none of these read are
+    named by their line, with the fix."""
+    for bom, encoding in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise ManifestError([_undecodable(name, data, exc, encoding)]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as utf8_error:
+        try:
+            return data.decode("cp1252")
+        except UnicodeDecodeError:
+            raise ManifestError([_undecodable(name, data, utf8_error, "UTF-8 or cp1252")]) from None
+
+
+def _undecodable(name: str, data: bytes, exc: UnicodeDecodeError, tried: str) -> str:
+    start = exc.start
+    if tried == "utf-16":  # line breaks are two bytes there
+        line = data[:start].decode("utf-16", errors="replace").count("\n") + 1
+    else:
+        line = data[:start].count(b"\n") + 1
+    return (f"{name} line {line}: bytes that are not {tried} text ({data[start:start + 4]!r}). "
+            "Save the manifest as UTF-8 (Excel: \"CSV UTF-8\"; Notepad: encoding UTF-8; PowerShell: "
+            "Out-File -Encoding utf8).")
 
 
 def _jsonl_rows(name: str, text: str):

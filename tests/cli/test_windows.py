@@ -160,3 +160,68 @@ def test_psutil_is_a_requirement():
     req = open(os.path.join(PACK, "requirements.txt")).read().split()
     deps = tomllib.load(open(os.path.join(PACK, "pyproject.toml"), "rb"))["project"]["dependencies"]
     assert any(r.startswith("psutil") for r in req) and any(d.startswith("psutil") for d in deps)
+
+
+# -- 4. a cp1252 console and manifests saved by Windows tools ---------------------------------------
+
+def test_cp1252_console_prints_a_name_outside_it_and_the_summary(tmp_path, monkeypatch):
+    import io
+
+    from nodes.cli import command
+
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "x", "output": "\\u732b.png", "width": 64, "height": 64}\n',
+                                         encoding="utf-8")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    err = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    code = command.main(["--tiny", "--manifest", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "out"),
+                         "--progress", "off"])
+    out.flush()
+    printed = out.buffer.getvalue().decode("cp1252")
+    assert code == 0
+    assert (tmp_path / "out" / "\u732b.png").is_file()
+    assert "\\u732b.png" in printed and "Summary: 1 job: 1 done" in printed
+
+
+def _read(tmp_path, name, data: bytes):
+    from nodes.jobs import manifest
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    return manifest.read_rows(str(path))
+
+
+CSV = 'prompt,seed,output\ncaf\u00e9 na\u00efve \u20ac,3,caf\u00e9.png\n'
+
+
+@pytest.mark.parametrize("saved_as,data", [
+    ("Excel CSV (cp1252)", CSV.replace("\n", "\r\n").encode("cp1252")),
+    ("UTF-8 with BOM", "\ufeff".encode("utf-8") + CSV.encode("utf-8")),
+    ("PowerShell 5.1 > (UTF-16LE, BOM)", CSV.replace("\n", "\r\n").encode("utf-16")),  # utf-16: BOM, native LE
+    ("UTF-16BE with BOM", b"\xfe\xff" + CSV.encode("utf-16-be")),
+], ids=["excel-cp1252", "utf8-bom", "powershell-utf16le", "utf16be"])
+def test_manifests_saved_by_windows_tools_are_read(tmp_path, saved_as, data):
+    rows, problems = _read(tmp_path, "jobs.csv", data)
+    assert problems == []
+    assert rows == [(2, {"prompt": "caf\u00e9 na\u00efve \u20ac", "seed": "3", "output": "caf\u00e9.png"})]
+
+
+def test_powershell_jsonl_is_read(tmp_path):
+    rows, problems = _read(tmp_path, "jobs.jsonl", b"\xff\xfe" + '{"prompt": "\u732b"}\r\n'.encode("utf-16-le"))
+    assert problems == [] and rows == [(1, {"prompt": "\u732b"})]
+
+
+def test_undecodable_manifest_names_its_line(tmp_path):
+    from nodes.jobs import manifest
+
+    # 0x81 is undefined in cp1252 and invalid UTF-8: no reading fits.
+    with pytest.raises(manifest.ManifestError) as err:
+        _read(tmp_path, "jobs.csv", b"prompt,seed\na,1\nb\x81,2\n")
+    (msg,) = err.value.problems
+    assert msg.startswith("jobs.csv line 3: bytes that are not UTF-8 or cp1252 text")
+    assert "CSV UTF-8" in msg
+    with pytest.raises(manifest.ManifestError) as err:
+        _read(tmp_path, "jobs.jsonl", b"\xff\xfe" + '{"prompt": "a"}\n'.encode("utf-16-le") + b"\x00\xd8")
+    (msg,) = err.value.problems
+    assert msg.startswith("jobs.jsonl line 2: bytes that are not utf-16 text")
