@@ -288,12 +288,36 @@ def windows_path_problem(path: str) -> str | None:
     return None
 
 
+#: Names Windows keeps for devices, with any extension and in any case (`con.png`, `NUL`, `Com1.x`).
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in (*"123456789", "\u00b9", "\u00b2", "\u00b3"))}
+_FORBIDDEN = set('<>:"|?*') | {chr(c) for c in range(32)}
+
+
+def windows_name_problem(part: str) -> str | None:
+    """Why Windows cannot create a file or folder named `part`, or None; checked on every OS, so a
+    manifest that runs here runs on Windows too (and fails before generating, not after)."""
+    bad = sorted({c for c in part if c in _FORBIDDEN})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        return f"Windows does not allow {shown} in file names; use letters, digits, '-', '_' or '.'"
+    if part.endswith((".", " ")):
+        return "ends in a dot or a space, which Windows drops from file names; remove it"
+    if part.split(".")[0].rstrip(" ").upper() in _RESERVED:
+        return (f"'{part.split('.')[0]}' is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9, "
+                "with any extension); choose another name")
+    return None
+
+
 def _output_name(value: str) -> str:
     name = value.strip().replace("\\", "/")
     if not name or os.path.isabs(name) or name.startswith("/") or ".." in name.split("/"):
         raise ValueError(f"output '{value}' must be a file name inside the output folder (no absolute path, no '..')")
     if ntpath.splitdrive(name)[0]:  # C:x.png, C:/x.png: Windows would write outside the output folder
         raise ValueError(f"output '{value}' must be a file name inside the output folder (no drive such as C:)")
+    for part in name.split("/"):
+        problem = windows_name_problem(part)
+        if problem:
+            raise ValueError(f"output '{value}': {problem}")
     stem, ext = os.path.splitext(name)
     if not ext:
         name += ".png"

@@ -225,3 +225,75 @@ def test_undecodable_manifest_names_its_line(tmp_path):
         _read(tmp_path, "jobs.jsonl", b"\xff\xfe" + '{"prompt": "a"}\n'.encode("utf-16-le") + b"\x00\xd8")
     (msg,) = err.value.problems
     assert msg.startswith("jobs.jsonl line 2: bytes that are not utf-16 text")
+
+
+# -- 5. output names Windows can write -------------------------------------------------------------
+
+@pytest.mark.parametrize("output,says", [
+    ("con.png", "'con' is a device name on Windows"),
+    ("NUL", "'NUL' is a device name on Windows"),
+    ("Com1.backup.png", "'Com1' is a device name on Windows"),
+    ("lpt9.png", "'lpt9' is a device name on Windows"),
+    ("aux", "'aux' is a device name on Windows"),
+    ("sub/prn.png", "'prn' is a device name on Windows"),
+    ("a?b.png", "Windows does not allow '?' in file names"),
+    ("img:1.png", "Windows does not allow ':' in file names"),
+    ('say "hi".png', "Windows does not allow '\"' in file names"),
+    ("a<b>|*.png", "Windows does not allow '*' '<' '>' '|' in file names"),
+    ("tab\there.png", "Windows does not allow '\\t' in file names"),
+    ("name.png.", "ends in a dot or a space"),
+    ("folder./x.png", "ends in a dot or a space"),
+    ("folder /x.png", "ends in a dot or a space"),
+])
+def test_names_windows_cannot_write_are_refused_at_check_time(tmp_path, capsys, output, says):
+    from nodes.cli import command
+
+    rows = [{"prompt": "fine", "output": "ok.png"}, {"prompt": "x", "output": output}]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n", encoding="utf-8")
+    code = command.main(["--tiny", "--manifest", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == command.EXIT_USAGE
+    assert f"jobs.jsonl line 2: output '{output}': {says}" in err, err
+    assert "nothing was generated" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("output", ["console.png", "com10.png", "nulled.png", "con_0.png", "cat.png", "a.b.png"])
+def test_names_close_to_reserved_ones_pass(output):
+    from nodes.jobs.manifest import windows_name_problem
+
+    assert windows_name_problem(output) is None
+
+
+@pytest.mark.parametrize("prompt", ["con", "NUL", "a?b: c*", "trailing dots...", "com1", "\u732b \u2713", ""])
+def test_prompt_derived_names_are_windows_safe(prompt):
+    from nodes.jobs import runner
+    from nodes.jobs.backend import Backend
+    from nodes.jobs.manifest import Job, windows_name_problem
+
+    job = Job(index=1, where="line 1", prompt=prompt, subject=None if prompt else "aux.jpg", styles=(), seed=0,
+              width=64, height=64, keep_size=False, steps=4, guidance=4.0, batch_size=2, style_crop="reference",
+              long_side=64, shift="reference", extra_references=False, negative_prompt="", output=None)
+    for numbered in (False, True):
+        for path in runner.output_paths(job, "", Backend(tiny=True), numbered):
+            assert windows_name_problem(path) is None, path
+
+
+def test_resume_does_not_take_a_case_variant_as_the_jobs_output(tmp_path, monkeypatch):
+    """On NTFS `cat.png` "exists" when only `Cat.png` is there; imitated with a case-blind exists."""
+    from nodes.jobs import runner
+
+    (tmp_path / "Cat.png").write_bytes(b"another job's image")
+    real_exists = os.path.exists
+
+    def ntfs_exists(path):
+        folder, name = os.path.split(str(path))
+        try:
+            return any(n.casefold() == name.casefold() for n in os.listdir(folder or "."))
+        except OSError:
+            return real_exists(path)
+
+    monkeypatch.setattr(os.path, "exists", ntfs_exists)
+    assert os.path.exists(str(tmp_path / "cat.png"))  # the imitation holds
+    assert not runner.is_finished([str(tmp_path / "cat.png")], overwrite=False)
+    assert runner.is_finished([str(tmp_path / "Cat.png")], overwrite=False)
