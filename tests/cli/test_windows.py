@@ -297,3 +297,43 @@ def test_resume_does_not_take_a_case_variant_as_the_jobs_output(tmp_path, monkey
     assert os.path.exists(str(tmp_path / "cat.png"))  # the imitation holds
     assert not runner.is_finished([str(tmp_path / "cat.png")], overwrite=False)
     assert runner.is_finished([str(tmp_path / "Cat.png")], overwrite=False)
+
+
+# -- 2. no model file left memory-mapped after loading ---------------------------------------------
+
+def _mapped_model_files(paths) -> set[str]:
+    """The files among `paths` that this process has memory-mapped (Linux's /proc/self/maps; on
+    Windows a mapped file cannot be overwritten, renamed or deleted)."""
+    wanted = {os.path.realpath(p) for p in paths}
+    with open("/proc/self/maps") as f:
+        mapped = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+    return {p for p in wanted if p in mapped}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("precision,transformer", [("fp32", "flux_bfl"), ("bf16", "flux_bfl"),
+                                                   ("auto", "flux_bfl")])
+def test_no_model_file_stays_mapped_after_loading(tiny_models, tmp_path, precision, transformer):
+    import gc
+
+    from nodes.engine import EngineOptions, ModelFiles, USOPipeline
+
+    # Copies, so renaming and overwriting them leaves the shared session models alone.
+    names = {"transformer": transformer, "vae": "ae", "t5": "t5_fp16", "clip_l": "clip_l", "siglip": "siglip_file",
+             "uso_lora": "lora_comfy", "projector": "projector_comfy"}
+    copies = {}
+    for slot, key in names.items():
+        copies[slot] = str(tmp_path / os.path.basename(str(tiny_models.paths[key])))
+        shutil.copy(tiny_models.paths[key], copies[slot])
+    user_lora = str(tmp_path / "mine.safetensors")
+    shutil.copy(tiny_models.paths["user_lora_kohya"], user_lora)
+    files = ModelFiles(**copies, tokenizer_dir=str(tiny_models.paths["tokenizer_t5"].parent))
+    pipe = USOPipeline.from_files(files, EngineOptions(precision=precision, device="cpu"))
+    pipe = pipe.with_lora(user_lora, 0.8)
+    gc.collect()
+    assert _mapped_model_files([*copies.values(), user_lora]) == set()
+    for path in [*copies.values(), user_lora]:
+        os.replace(path, path + ".old")          # rename
+        shutil.copy(path + ".old", path)         # overwrite in place
+        os.remove(path + ".old")                 # delete
+    del pipe
