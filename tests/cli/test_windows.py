@@ -337,3 +337,66 @@ def test_no_model_file_stays_mapped_after_loading(tiny_models, tmp_path, precisi
         shutil.copy(path + ".old", path)         # overwrite in place
         os.remove(path + ".old")                 # delete
     del pipe
+
+
+# -- 6. benchmarks, compile check and the pip command on Windows -----------------------------------
+
+def test_benchmarks_import_without_resource_and_loadavg(monkeypatch):
+    """Windows has no `resource` module and no os.getloadavg."""
+    import importlib
+
+    import psutil  # noqa: F401  (Linux's psutil itself imports resource; Windows' does not)
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises ImportError
+    monkeypatch.delattr(os, "getloadavg")
+    for name in ("nodes.benchmarks.speed", "nodes.benchmarks.ray_throughput"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    speed = importlib.import_module("nodes.benchmarks.speed")
+    ray_throughput = importlib.import_module("nodes.benchmarks.ray_throughput")
+    assert ray_throughput._load() == "n/a"
+    monkeypatch.setattr(speed, "open", _no_proc(open), raising=False)  # no /proc/self/status either
+    assert speed._peak_rss_bytes() > 0
+
+
+def _no_proc(real_open):
+    def opener(file, *a, **k):
+        if str(file).startswith("/proc"):
+            raise FileNotFoundError(file)
+        return real_open(file, *a, **k)
+    return opener
+
+
+def test_cpu_compile_check_looks_for_msvc_on_windows(monkeypatch):
+    import shutil as shutil_module
+
+    import torch
+
+    from nodes.engine import speed
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(shutil_module, "which", lambda name: "C:\\VS\\cl.exe" if name == "cl" else None)
+    assert speed.compile_available(torch.device("cpu")) is None
+    monkeypatch.setattr(shutil_module, "which", lambda name: None)
+    assert "MSVC's cl.exe" in speed.compile_available(torch.device("cpu"))
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(shutil_module, "which", lambda name: "/usr/bin/cl" if name == "cl" else None)
+    assert "g++ or clang++" in speed.compile_available(torch.device("cpu"))
+
+
+def test_pip_command_runs_in_powershell(monkeypatch):
+    from nodes.comfyui import requirements
+
+    monkeypatch.setattr(requirements, "REQUIREMENTS_FILE", "C:\\Users\\Ann Lee\\comfyui-uso\\requirements.txt")
+    import types
+
+    monkeypatch.setattr(requirements, "os", types.SimpleNamespace(name="nt"))  # Windows, for this module
+    monkeypatch.setattr(sys, "executable", "C:\\Users\\Ann Lee\\Documents\\ComfyUI\\.venv\\Scripts\\python.exe")
+    assert requirements.install_command() == (
+        '& "C:\\Users\\Ann Lee\\Documents\\ComfyUI\\.venv\\Scripts\\python.exe" -m pip install -r '
+        '"C:\\Users\\Ann Lee\\comfyui-uso\\requirements.txt"')
+    # No spaces: unquoted, which cmd.exe and PowerShell both run.
+    monkeypatch.setattr(sys, "executable", "C:\\ComfyUI_windows_portable\\python_embeded\\python.exe")
+    monkeypatch.setattr(requirements, "REQUIREMENTS_FILE", "C:\\p\\requirements.txt")
+    assert requirements.install_command() == (
+        "C:\\ComfyUI_windows_portable\\python_embeded\\python.exe -m pip install -r C:\\p\\requirements.txt")
