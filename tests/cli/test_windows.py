@@ -277,6 +277,7 @@ def test_prompt_derived_names_are_windows_safe(prompt):
     for numbered in (False, True):
         for path in runner.output_paths(job, "", Backend(tiny=True), numbered):
             assert windows_name_problem(path) is None, path
+            assert __import__("re").fullmatch(r"[a-z0-9_-]+\.png", path), path
 
 
 def test_resume_does_not_take_a_case_variant_as_the_jobs_output(tmp_path, monkeypatch):
