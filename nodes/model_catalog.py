@@ -7,6 +7,7 @@ imports ComfyUI.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 FROM_CHECKPOINT = "(from checkpoint)"
@@ -126,6 +127,18 @@ def list_folder_files(roots: list[str], folder: str) -> list[str]:
                 if f.lower().endswith(WEIGHT_EXTENSIONS):
                     found.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
     return sorted(found)
+
+
+def desktop_comfyui_dirs() -> list[str]:
+    """Where ComfyUI Desktop keeps its ComfyUI tree (with `comfy/` and the tokenizers): in the app's
+    resources, not beside the user's `models/`. Taken from Desktop's install layout as documented,
+    not checked against a real install."""
+    if sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA")
+        return [os.path.join(local, "Programs", "@comfyorgcomfyui-electron", "resources", "ComfyUI")] if local else []
+    if sys.platform == "darwin":
+        return ["/Applications/ComfyUI.app/Contents/Resources/ComfyUI"]
+    return []
 
 
 def comfy_tokenizer_dirs(comfy_package_dir: str) -> dict[str, str]:

@@ -85,6 +85,9 @@ def _manifest(folder: str, args) -> str:
 
 
 def _load() -> str:
+    """The load average, where the OS has one (Windows has none)."""
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
     return "%.2f %.2f %.2f" % os.getloadavg()
 
 

@@ -141,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _console_never_raises() -> None:
+    """A Windows console redirected to a file or pipe encodes in the ANSI code page (cp1252): a name
+    or prompt outside it would raise UnicodeEncodeError after the image is written and end the batch
+    without its summary. Such characters are printed as escapes (\\u732b) instead."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if reconfigure is not None and encoding not in ("utf8", "utf8sig"):
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot change its error handler: left as is
+                pass
+
+
 def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -263,6 +277,7 @@ def _check_remote_key(provider: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _console_never_raises()
     args = build_parser().parse_args(argv)
     if args.plan:
         print(memory_table.markdown(memory_table.plan_table()), end="")

@@ -7,6 +7,7 @@ ComfyUI runs in, instead of "No module named 'diffusers'".
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -45,11 +46,17 @@ def missing_distributions() -> list[str]:
 
 
 def install_command() -> str:
-    """`<this Python> -m pip install -r <the pack's requirements.txt>`, paths quoted when needed."""
+    """`<this Python> -m pip install -r <the pack's requirements.txt>`, paths quoted when needed.
+
+    On Windows a quoted executable gets PowerShell's call operator, `& "C:\\...\\python.exe" ...`:
+    PowerShell (ComfyUI Desktop's terminal) reads a leading quoted string as text, not a command."""
     def quoted(path: str) -> str:
         return f'"{path}"' if any(c.isspace() for c in path) else path
 
-    return f"{quoted(sys.executable)} -m pip install -r {quoted(str(REQUIREMENTS_FILE))}"
+    exe = quoted(sys.executable)
+    if os.name == "nt" and exe.startswith('"'):
+        exe = f"& {exe}"
+    return f"{exe} -m pip install -r {quoted(str(REQUIREMENTS_FILE))}"
 
 
 def require_installed() -> None:

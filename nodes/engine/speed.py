@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -148,7 +149,12 @@ def compile_available(device: torch.device) -> str | None:
             return "torch.compile on a GPU needs the triton package (it ships with Linux CUDA torch builds)"
         return None
     cxx = os.environ.get("CXX")
-    if not (cxx and shutil.which(cxx)) and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    # Windows: torch's inductor builds with MSVC's cl.exe (on PATH in a "Developer Command Prompt").
+    compilers = ("cl", "clang-cl", "g++", "clang++") if sys.platform == "win32" else ("g++", "c++", "clang++")
+    if not (cxx and shutil.which(cxx)) and not any(shutil.which(c) for c in compilers):
+        if sys.platform == "win32":
+            return ("torch.compile on the CPU needs a C++ compiler: MSVC's cl.exe (Visual Studio Build Tools, "
+                    "run from a Developer Command Prompt so cl is on PATH)")
         return "torch.compile on the CPU needs a C++ compiler (g++ or clang++)"
     return None
 

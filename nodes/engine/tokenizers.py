@@ -14,7 +14,9 @@ SUBFOLDERS = {"clip_l": ("clip_l", "tokenizer"), "t5": ("t5", "tokenizer_2")}
 _MAX_LENGTH = {"clip_l": 77, "t5": 512}
 _WHERE = ("the 'tokenizer' (CLIP-L) and 'tokenizer_2' (T5) folders of the FLUX.1-dev diffusers "
           "repository (black-forest-labs/FLUX.1-dev), or, inside ComfyUI, its own "
-          "comfy/sd1_tokenizer and comfy/text_encoders/t5_tokenizer")
+          "comfy/sd1_tokenizer and comfy/text_encoders/t5_tokenizer (ComfyUI Desktop keeps them in the "
+          "app's resources: %LOCALAPPDATA%\\Programs\\@comfyorgcomfyui-electron\\resources\\ComfyUI\\comfy "
+          "on Windows, /Applications/ComfyUI.app/Contents/Resources/ComfyUI/comfy on macOS)")
 
 
 def has_tokenizer_files(folder: str) -> bool:

@@ -50,7 +50,11 @@ class WeightSource:
                                      "The file may be damaged; download it again.") from exc
             self._handles[file] = handle
         try:
-            return handle.get_tensor(key)
+            # A copy in the process's own memory: safetensors' tensor shares the file's memory map,
+            # which would then live as long as the loaded model, and Windows refuses to overwrite,
+            # rename or delete a mapped file (a LoRA trainer re-saving, a re-download). The map
+            # goes with the handle once the loader closes the source.
+            return handle.get_tensor(key).clone()
         except Exception as exc:  # safetensors raises its own error type for a damaged tensor
             raise ModelFileError(f"{os.path.basename(file)}: its tensor {key} cannot be read ({exc}). "
                                  "The file may be damaged; download it again.") from exc

@@ -198,10 +198,11 @@ def enclosing_comfyui(start: str | None = None) -> str | None:
 
 
 def tokenizer_dirs_beside(models_dirs: list[str]) -> dict[str, str]:
-    """ComfyUI's shipped tokenizer folders next to a ``models/`` directory (ComfyUI/comfy/...)."""
-    for models_dir in models_dirs:
-        dirs = model_catalog.comfy_tokenizer_dirs(
-            os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(models_dir))), "comfy"))
+    """ComfyUI's shipped tokenizer folders next to a ``models/`` directory (ComfyUI/comfy/...), else
+    in ComfyUI Desktop's app resources (Desktop keeps ``comfy/`` there, apart from ``models/``)."""
+    roots = [os.path.dirname(os.path.abspath(os.path.expanduser(d))) for d in models_dirs]
+    for root in roots + model_catalog.desktop_comfyui_dirs():
+        dirs = model_catalog.comfy_tokenizer_dirs(os.path.join(root, "comfy"))
         if dirs:
             return dirs
     return {}

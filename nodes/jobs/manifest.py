@@ -14,6 +14,7 @@ whose data is broken fails when its job runs.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import json
@@ -101,15 +102,48 @@ def read_rows(path: str) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]
     for each row that cannot be read. ManifestError when the file itself cannot be."""
     name = os.path.basename(path)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise ManifestError([f"{path}: cannot read the manifest ({exc.strerror or exc})."]) from None
+    text = decode_manifest(name, data)
     if path.lower().endswith(".csv"):
         return _csv_rows(name, text)
     if path.lower().endswith((".jsonl", ".ndjson", ".json")):
         return _jsonl_rows(name, text)
     raise ManifestError([f"{path}: a manifest ends in .jsonl (JSON Lines) or .csv."])
+
+
+def decode_manifest(name: str, data: bytes) -> str:
+    """A manifest's text as Windows tools save it: UTF-8 with or without a BOM (Notepad, Excel's
+    "CSV UTF-8"), UTF-16 with a BOM (PowerShell 5.1's `>` and `Out-File`, Excel's "Unicode Text"),
+    else cp1252 (Excel's "CSV (Comma delimited)" on Western Windows). Bytes none of these read are
+    named by their line, with the fix."""
+    for bom, encoding in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise ManifestError([_undecodable(name, data, exc, encoding)]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as utf8_error:
+        try:
+            return data.decode("cp1252")
+        except UnicodeDecodeError:
+            raise ManifestError([_undecodable(name, data, utf8_error, "UTF-8 or cp1252")]) from None
+
+
+def _undecodable(name: str, data: bytes, exc: UnicodeDecodeError, tried: str) -> str:
+    start = exc.start
+    if tried == "utf-16":  # line breaks are two bytes there
+        line = data[:start].decode("utf-16", errors="replace").count("\n") + 1
+    else:
+        line = data[:start].count(b"\n") + 1
+    return (f"{name} line {line}: bytes that are not {tried} text ({data[start:start + 4]!r}). "
+            "Save the manifest as UTF-8 (Excel: \"CSV UTF-8\"; Notepad: encoding UTF-8; PowerShell: "
+            "Out-File -Encoding utf8).")
 
 
 def _jsonl_rows(name: str, text: str):
@@ -254,12 +288,36 @@ def windows_path_problem(path: str) -> str | None:
     return None
 
 
+#: Names Windows keeps for devices, with any extension and in any case (`con.png`, `NUL`, `Com1.x`).
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in (*"123456789", "\u00b9", "\u00b2", "\u00b3"))}
+_FORBIDDEN = set('<>:"|?*') | {chr(c) for c in range(32)}
+
+
+def windows_name_problem(part: str) -> str | None:
+    """Why Windows cannot create a file or folder named `part`, or None; checked on every OS, so a
+    manifest that runs here runs on Windows too (and fails before generating, not after)."""
+    bad = sorted({c for c in part if c in _FORBIDDEN})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        return f"Windows does not allow {shown} in file names; use letters, digits, '-', '_' or '.'"
+    if part.endswith((".", " ")):
+        return "ends in a dot or a space, which Windows drops from file names; remove it"
+    if part.split(".")[0].rstrip(" ").upper() in _RESERVED:
+        return (f"'{part.split('.')[0]}' is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9, "
+                "with any extension); choose another name")
+    return None
+
+
 def _output_name(value: str) -> str:
     name = value.strip().replace("\\", "/")
     if not name or os.path.isabs(name) or name.startswith("/") or ".." in name.split("/"):
         raise ValueError(f"output '{value}' must be a file name inside the output folder (no absolute path, no '..')")
     if ntpath.splitdrive(name)[0]:  # C:x.png, C:/x.png: Windows would write outside the output folder
         raise ValueError(f"output '{value}' must be a file name inside the output folder (no drive such as C:)")
+    for part in name.split("/"):
+        problem = windows_name_problem(part)
+        if problem:
+            raise ValueError(f"output '{value}': {problem}")
     stem, ext = os.path.splitext(name)
     if not ext:
         name += ".png"

@@ -78,7 +78,19 @@ class Outcome:
 
 def is_finished(paths: list[str], overwrite: bool) -> bool:
     """True when a re-run skips the job: every output exists and --overwrite was not given."""
-    return not overwrite and all(os.path.exists(p) for p in paths)
+    return not overwrite and all(_exists_as_named(p) for p in paths)
+
+
+def _exists_as_named(path: str) -> bool:
+    """The file exists under this exact name. On NTFS (and macOS's APFS) `Cat.png` exists when
+    `cat.png` is asked for: the listing tells another job's file from this one's."""
+    if not os.path.exists(path):
+        return False
+    folder, name = os.path.split(path)
+    try:
+        return name in os.listdir(folder or ".")
+    except OSError:
+        return False
 
 
 def progress_units(job: Job, backend: Backend) -> tuple[int, str]:

@@ -131,8 +131,19 @@ class HostMemory:
 
 
 def host_memory() -> HostMemory | None:
-    """The host's RAM figures (torch has no API for them): Linux's /proc/meminfo, else sysconf;
-    None where neither answers (then pinning is not bounded by a figure we do not have)."""
+    """The host's RAM figures (torch has no API for them): psutil's, on every OS (Windows has neither
+    /proc/meminfo nor sysconf; ComfyUI ships psutil); without psutil, Linux's /proc/meminfo, else
+    sysconf; None where nothing answers (then pinning is not bounded by a figure we do not have)."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        try:
+            vm = psutil.virtual_memory()
+            return HostMemory(int(vm.available), int(vm.total))
+        except (OSError, RuntimeError, AttributeError):
+            pass
     try:
         fields = {}
         with open("/proc/meminfo") as f:
