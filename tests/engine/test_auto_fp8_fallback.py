@@ -138,3 +138,19 @@ def test_tiny_files_stored_as_fp8_to_fit_load_and_sample_within_the_fp8_toleranc
     bf16_latents = random_pipelines.run(bf16_pipe)
     rel = ((fp8_latents.float() - bf16_latents.float()).abs().mean() / bf16_latents.float().std()).item()
     assert 0 < rel < FP8_REL_TOL
+
+
+def test_on_an_fp16_card_the_fallback_computes_in_fp16_and_t5_in_fp32():
+    # T4-class card (bf16 only emulated): the same decision, with the card's compute dtypes.
+    def sizes_of(p):
+        t = memory.ModuleSize(*(3 * [5 * GIB if p.fp8_storage else 10 * GIB]))
+        t5 = memory.ModuleSize(*(3 * [3 * GIB if p.t5_storage == torch.float8_e4m3fn else 6 * GIB]))
+        return memory.ModelSizes(t, memory.ModuleSize(0, 0, 0), (t5,), p.fp8_storage)
+    precision = memory.resolve_precision("auto", CUDA, SPLIT.stored, native=False)
+    assert precision.t5_storage == torch.float16 and precision.text == torch.float32
+    one = fit.fit_precision("auto", CUDA, precision, sizes_of, 40 * GIB, memory.HostMemory(12 * GIB, 16 * GIB))
+    assert one.stored_fp8 == "transformer" and one.precision.compute == torch.float16
+    assert one.precision.t5_storage == torch.float16
+    both = fit.fit_precision("auto", CUDA, precision, sizes_of, 40 * GIB, memory.HostMemory(9 * GIB, 16 * GIB))
+    assert both.stored_fp8 == "transformer and T5" and both.precision.text == torch.float32
+    assert both.precision.t5_storage == torch.float8_e4m3fn
