@@ -159,7 +159,8 @@ def _transformer_on_meta(path: str):
 def transformer_on_meta(path: str, compute_dtype: torch.dtype, fp8_storage: bool = False) -> nn.Module:
     """The transformer as `load_transformer` would make it, on the meta device: its bytes, without
     reading a weight (what `memory.fit` decides from). Not for GGUF files (quantised blocks)."""
-    *_rest, model, _cfg = _transformer_on_meta(path)
+    _component, _layout, source, model, _cfg = _transformer_on_meta(path)
+    source.close()
     model = model.to(compute_dtype)
     if fp8_storage:
         enable_fp8_storage(model, compute_dtype)
@@ -296,7 +297,8 @@ def _t5_on_meta(component: Component):
 
 def t5_on_meta(component: Component, dtype: torch.dtype, linear_storage: torch.dtype | None = None) -> nn.Module:
     """T5 as `load_t5` would make it, on the meta device (its bytes, without reading a weight)."""
-    _source_, model = _t5_on_meta(component)
+    source, model = _t5_on_meta(component)
+    source.close()
     model = model.to(dtype)
     if linear_storage is not None:
         for name, module in model.named_modules():
