@@ -17,7 +17,7 @@ from . import architecture, convert, detect
 from .errors import ModelFileError
 from .gguf_files import is_quantized
 from .projector import StyleProjector
-from .fp8 import FP8_DTYPES, fp8_storable, keep_scaled_fp8, keep_stored_linears, t5_storable
+from .fp8 import FP8_DTYPES, enable_fp8_storage, fp8_storable, keep_scaled_fp8, keep_stored_linears, t5_storable
 from .scaled_fp8 import DequantizedSource, dequantized
 from .weight_files import open_weights
 from .weight_source import WeightSource
@@ -142,20 +142,36 @@ def transformer_component(path: str) -> tuple[Component, str]:
     return Component(path), "bfl" if kind == "flux_bfl" else "diffusers"
 
 
-def load_transformer(path: str, compute_dtype: torch.dtype, fp8_storage: bool = False):
-    """A FluxTransformer2DModel. With fp8_storage, Linear weights are kept in float8_e4m3fn
-    (fp8 files stay as they are), upcast per call to `compute_dtype` (`fp8.UpcastLinear`)."""
+def _transformer_on_meta(path: str):
+    """(component, layout, source, the FluxTransformer2DModel on the meta device, its config),
+    from the file's header alone."""
     from diffusers import FluxTransformer2DModel
 
     component, layout = transformer_component(path)
     source = _source(component)
     if os.path.isdir(component.path):
         detect.require_kind(source, "transformer", ("flux_diffusers",))
-    stored = source.config("transformer")
-    cfg = architecture.flux_config(source, layout, stored)
-    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-
+    cfg = architecture.flux_config(source, layout, source.config("transformer"))
     model = _built("transformer", component.name, lambda: FluxTransformer2DModel(**cfg))
+    return component, layout, source, model, cfg
+
+
+def transformer_on_meta(path: str, compute_dtype: torch.dtype, fp8_storage: bool = False) -> nn.Module:
+    """The transformer as `load_transformer` would make it, on the meta device: its bytes, without
+    reading a weight (what `memory.fit` decides from). Not for GGUF files (quantised blocks)."""
+    _component, _layout, source, model, _cfg = _transformer_on_meta(path)
+    source.close()
+    model = model.to(compute_dtype)
+    if fp8_storage:
+        enable_fp8_storage(model, compute_dtype)
+    return model
+
+
+def load_transformer(path: str, compute_dtype: torch.dtype, fp8_storage: bool = False):
+    """A FluxTransformer2DModel. With fp8_storage, Linear weights are kept in float8_e4m3fn
+    (fp8 files stay as they are), upcast per call to `compute_dtype` (`fp8.UpcastLinear`)."""
+    component, layout, source, model, cfg = _transformer_on_meta(path)
+    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     linear_weights = {f"{n}.weight" for n, m in model.named_modules()
                       if isinstance(m, nn.Linear) and fp8_storable(n)}
 
@@ -268,17 +284,34 @@ def load_vae(component: Component, dtype: torch.dtype = torch.float32):
 # Text encoders
 # ---------------------------------------------------------------------------------------------
 
-def load_t5(component: Component, dtype: torch.dtype, linear_storage: torch.dtype | None = None):
-    """A T5EncoderModel computing in `dtype`. With `linear_storage`, the Linear weights that
-    `fp8.t5_storable` allows are kept in that dtype (an fp8 file's own fp8; a scaled fp8 file's
-    weights with their scales) and upcast per layer to `dtype`."""
+def _t5_on_meta(component: Component):
+    """(source, the T5EncoderModel on the meta device), from the file's header alone."""
     from transformers import T5Config, T5EncoderModel
 
     source = _source(component)
     detect.require_kind(source, "t5", ("t5",))
     cfg = architecture.t5_config(source, source.config("t5"))
     cfg.pop("model_type", None)
-    model = _built("t5", component.name, lambda: T5EncoderModel(T5Config(**cfg)))
+    return source, _built("t5", component.name, lambda: T5EncoderModel(T5Config(**cfg)))
+
+
+def t5_on_meta(component: Component, dtype: torch.dtype, linear_storage: torch.dtype | None = None) -> nn.Module:
+    """T5 as `load_t5` would make it, on the meta device (its bytes, without reading a weight)."""
+    source, model = _t5_on_meta(component)
+    source.close()
+    model = model.to(dtype)
+    if linear_storage is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and t5_storable(name):
+                module.weight.data = module.weight.data.to(linear_storage)
+    return model
+
+
+def load_t5(component: Component, dtype: torch.dtype, linear_storage: torch.dtype | None = None):
+    """A T5EncoderModel computing in `dtype`. With `linear_storage`, the Linear weights that
+    `fp8.t5_storable` allows are kept in that dtype (an fp8 file's own fp8; a scaled fp8 file's
+    weights with their scales) and upcast per layer to `dtype`."""
+    source, model = _t5_on_meta(component)
     model_keys = set(model.state_dict())
     storable = {f"{n}.weight" for n, m in model.named_modules()
                 if isinstance(m, nn.Linear) and t5_storable(n)} if linear_storage is not None else set()

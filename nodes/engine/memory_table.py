@@ -10,13 +10,14 @@ counted: the kernel reclaims it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from . import fp8, lora
-from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes, plan_memory
+from .memory.fit import fit_precision, try_precision
+from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes
 from .memory.precision import FileStorage, Precision, resolve_precision
 
 CUDA_CONTEXT_BYTES = _GIB // 2
@@ -97,11 +98,11 @@ def model_sizes(file_set: FileSet, precision: Precision) -> ModelSizes:
     return ModelSizes.of(transformer, vae, [t5, clip, siglip, projector], quantized)
 
 
-def simulated_host(total_gib: int, sizes: ModelSizes) -> HostMemory:
-    """The host after loading: what is left to allocate once the system, the process and every
-    weight have taken theirs (negative: loading does not fit)."""
+def simulated_host(total_gib: int, sizes: ModelSizes | None = None) -> HostMemory:
+    """The host before loading (`sizes` None), or after: what is left to allocate once the system,
+    the process and every weight have taken theirs (negative: loading does not fit)."""
     total = total_gib * _GIB
-    return HostMemory(total - HOST_SYSTEM_BYTES - PROCESS_BYTES - sizes.total_bytes, total)
+    return HostMemory(total - HOST_SYSTEM_BYTES - PROCESS_BYTES - (sizes.total_bytes if sizes else 0), total)
 
 
 @dataclass(frozen=True)
@@ -112,35 +113,53 @@ class PlanRow:
     plan: MemoryPlan | None       # None: the weights do not fit the host RAM at all
     host_peak_bytes: int          # the process + the weights + the pinned copies made while placing
     advice: str = ""              # for a row that does not fit: what would
+    precision: Precision | None = None  # what `auto` loads the files in (16 bits stored as fp8 to fit)
+    fit_note: str = ""            # why `auto` stored 16-bit weights as fp8 (or what would fit)
+    stored_fp8: str = ""          # what `auto` stored as fp8 to fit ("transformer", ...)
 
     @property
     def fits(self) -> bool:
         return self.plan is not None and self.plan.fits
 
 
-def plan_row(file_set: FileSet, card_gib: int, host_gib: int, sizes: ModelSizes) -> PlanRow:
-    host = simulated_host(host_gib, sizes)
-    loaded = PROCESS_BYTES + sizes.total_bytes
-    if host.available < 0:
-        return PlanRow(file_set.name, card_gib, host_gib, None, loaded)
-    plan = plan_memory("auto", "auto", torch.device("cuda"), sizes,
-                       free_bytes=card_gib * _GIB - CUDA_CONTEXT_BYTES, host=host)
-    return PlanRow(file_set.name, card_gib, host_gib, plan, PROCESS_BYTES + plan.host_bytes)
+def plan_row(file_set: FileSet, card_gib: int, host_gib: int, sizes_of) -> PlanRow:
+    """One row: `precision=auto` on a bf16 card, 16-bit weights stored as fp8 where they would not
+    fit otherwise (`memory.fit`); `sizes_of(precision)`: the file set's sizes at a precision."""
+    cuda = torch.device("cuda")
+    precision = resolve_precision("auto", cuda, file_set.stored, native=True)
+    free = card_gib * _GIB - CUDA_CONTEXT_BYTES
+    chosen = fit_precision("auto", cuda, precision, sizes_of, free, simulated_host(host_gib),
+                           stored_transformer=file_set.stored.transformer)
+    if chosen.plan is None and chosen.host_fits:   # nothing to choose: planned as loaded
+        chosen = try_precision(chosen.precision, sizes_of(chosen.precision), free, simulated_host(host_gib))
+    if chosen.plan is None:
+        return PlanRow(file_set.name, card_gib, host_gib, None, PROCESS_BYTES + chosen.host_bytes,
+                       precision=chosen.precision, fit_note=chosen.note, stored_fp8=chosen.stored_fp8)
+    return PlanRow(file_set.name, card_gib, host_gib, chosen.plan, PROCESS_BYTES + chosen.plan.host_bytes,
+                   precision=chosen.precision, fit_note=chosen.note, stored_fp8=chosen.stored_fp8)
 
 
 def plan_table(cards=CARDS_GIB, hosts=HOSTS_GIB, file_sets=FILE_SETS) -> list[PlanRow]:
     """Every file set x card x host on a bf16-capable card (Ampere or newer), `auto` everywhere;
     a row that does not fit names the first lighter file set, or larger host, that does."""
-    cuda = torch.device("cuda")
-    sizes = {fs.name: model_sizes(fs, resolve_precision("auto", cuda, fs.stored, native=True)) for fs in file_sets}
-    rows = {(fs.name, c, h): plan_row(fs, c, h, sizes[fs.name]) for fs in file_sets for c in cards for h in hosts}
+    cache: dict = {}
+
+    def sizes_for(fs: FileSet):
+        def sizes_of(precision: Precision) -> ModelSizes:
+            key = (fs.name, precision)
+            if key not in cache:
+                cache[key] = model_sizes(fs, precision)
+            return cache[key]
+        return sizes_of
+
+    rows = {(fs.name, c, h): plan_row(fs, c, h, sizes_for(fs)) for fs in file_sets for c in cards for h in hosts}
     out = []
     for (name, card, host), row in rows.items():
         if not row.fits:
             others = [f"{fs.name}" for fs in file_sets if rows[(fs.name, card, host)].fits]
             bigger = [f"a {h} GB host" for h in hosts if h > host and rows[(name, card, h)].fits]
             advice = ", ".join(others[:1] + bigger[:1]) or "nothing listed here"
-            row = PlanRow(row.file_set, card, host, row.plan, row.host_peak_bytes, f"fits: {advice}")
+            row = replace(row, advice=f"fits: {advice}")
         out.append(row)
     return out
 
@@ -154,13 +173,15 @@ _SHORT = {("gpu", "resident"): "gpu+enc", ("gpu", "offload"): "gpu", ("model_off
 
 
 def cell(row: PlanRow) -> str:
-    """One row as a table cell: the mode, peak VRAM / peak host RAM (pinned) in GiB."""
+    """One row as a table cell: the mode, peak VRAM / peak host RAM (pinned) in GiB, and what
+    `auto` stored as fp8 to fit."""
     if row.plan is None:
         return f"✗ RAM {_gib(row.host_peak_bytes)}; {row.advice}"
     if not row.plan.fits:
         return f"✗ VRAM {_gib(row.plan.device_peak_bytes)}; {row.advice}"
+    fp8 = f"; {row.stored_fp8} as fp8" if row.stored_fp8 else ""
     return (f"{_SHORT[(row.plan.mode, row.plan.encoders)]} {_gib(row.plan.device_peak_bytes)} / "
-            f"{_gib(row.host_peak_bytes)} ({_gib(row.plan.pinned_bytes)})")
+            f"{_gib(row.host_peak_bytes)} ({_gib(row.plan.pinned_bytes)}){fp8}")
 
 
 def markdown(rows: list[PlanRow]) -> str:

@@ -3,6 +3,7 @@ the pieces belong together (widths of T5/CLIP/projector against the transformer)
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from .detect import AIO_PREFIXES, EXPECTED, has_prefix
 from .errors import ModelFileError
 from .loaders import Component
 from .fp8 import FP8_DTYPES
-from .memory import FileStorage, Precision
+from .memory import FileStorage, HostMemory, ModelSizes, ModuleSize, Precision, fit, pinned_block_bytes
 from .scaled_fp8 import is_scaled_fp8
 from .weight_files import open_weights
 
@@ -190,6 +191,87 @@ def file_storage(files: ModelFiles) -> FileStorage:
         t5 = _stored(_component("t5", files.t5, path, bool(component.prefix), os.path.isdir(path),
                                 "text_encoder_2"))
     return FileStorage(transformer, t5)
+
+
+def _header_size(component: Component, dtype: torch.dtype, only: str = "") -> ModuleSize:
+    """A model's bytes once loaded in `dtype`, from its file's header (no weight read): every
+    floating tensor cast to `dtype`, each pinned block rounded as the allocator rounds it, and the
+    two largest tensors as what streams at once (leaf-level groups are a layer's few tensors).
+    `only`: the key prefix the loader keeps (SigLIP's vision tower), if any."""
+    source = open_weights(component.path)
+    if component.prefix:
+        source = source.with_prefix(component.prefix)
+    sizes = []
+    for key, info in source.infos.items():
+        if not key.startswith(only):
+            continue
+        numel = 1
+        for n in info.shape:
+            numel *= n
+        own = info.dtype if isinstance(info.dtype, torch.dtype) else torch.uint8
+        sizes.append(numel * (dtype.itemsize if own.is_floating_point else own.itemsize))
+    return ModuleSize(sum(sizes), sum(pinned_block_bytes(n) for n in sizes), sum(sorted(sizes)[-2:]))
+
+
+_BLOCK = re.compile(r"(?:^|\.)(?:double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+
+
+def _gguf_size(component: Component) -> ModuleSize:
+    """A GGUF transformer's bytes: its file (the quantised blocks load as they are stored); two
+    blocks' share of it stream at once."""
+    size = os.path.getsize(component.path)
+    blocks = {m.group(0) for key in open_weights(component.path).keys() if (m := _BLOCK.search(key))}
+    return ModuleSize(size, pinned_block_bytes(size), 2 * size // max(1, len(blocks)))
+
+
+def planned_sizes(files: ModelFiles, precision: Precision, stored: FileStorage) -> ModelSizes:
+    """The model set's bytes once loaded in `precision`, counted before any weight is read: the
+    transformer and T5 built on the meta device from their headers as the loaders build them,
+    the other models from their headers (`_header_size`), the USO LoRA unfused in the compute
+    dtype on fp8 or GGUF weights (fused, it adds nothing)."""
+    path = files.transformer
+    with _slot("transformer"):
+        component, _layout = loaders.transformer_component(path)
+        gguf = stored.transformer == "gguf"
+        if gguf:
+            transformer = _gguf_size(component)
+        else:
+            transformer = ModuleSize.of(loaders.transformer_on_meta(path, precision.compute, precision.fp8_storage),
+                                        "block_level")
+    in_folder, is_aio = os.path.isdir(path), bool(component.prefix)
+    quantized = gguf or precision.fp8_storage
+    if quantized:
+        with _slot("uso_lora"):
+            adapter = _header_size(Component(files.uso_lora), precision.compute)
+        transformer = ModuleSize(transformer.weights + adapter.weights, transformer.pinned + adapter.pinned,
+                                 transformer.streamed)
+    with _slot("t5"):
+        t5 = ModuleSize.of(loaders.t5_on_meta(_component("t5", files.t5, path, is_aio, in_folder, "text_encoder_2"),
+                                              precision.text, precision.t5_storage))
+    with _slot("vae"):
+        vae = _header_size(_component("vae", files.vae, path, is_aio, in_folder, "vae"), precision.vae)
+    with _slot("clip_l"):
+        clip = _header_size(_component("clip_l", files.clip_l, path, is_aio, in_folder, "text_encoder"),
+                            precision.text)
+    with _slot("siglip"):
+        siglip = _header_size(Component(files.siglip), precision.vision, "vision_model.")
+    with _slot("projector"):
+        projector = _header_size(Component(files.projector), precision.compute)
+    return ModelSizes(transformer, vae, (t5, clip, siglip, projector), quantized)
+
+
+def fitted_precision(files: ModelFiles, asked: str, device: torch.device, free_bytes: int,
+                     host: HostMemory | None, encoders: str = "auto", native: bool | None = None) -> fit.Fit:
+    """The precision to load `files` in on `device` (`resolve_precision` from what the files
+    store; under `auto`, 16-bit weights stored as fp8 where they would fit nowhere otherwise:
+    `memory.fit`), decided from the headers before any weight is read. `free_bytes`: the device's
+    free memory; `host`: the host RAM now, before loading; `native`: as `resolve_precision`."""
+    from .memory import resolve_precision
+
+    stored = file_storage(files)
+    precision = resolve_precision(asked, device, stored, native)
+    return fit.fit_precision(asked, device, precision, lambda p: planned_sizes(files, p, stored), free_bytes, host,
+                             encoders, stored.transformer)
 
 
 def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: dict | None = None,

@@ -22,7 +22,7 @@ from . import fp8, lora, memory, positions, sampler, schedule, speed, style, sub
 from .gguf_files import is_quantized
 from .limits import (BATCH_SIZE, DENOISE, GUIDANCE, HEIGHT, LONG_SIDE, MAX_PROMPT_CHARS, MAX_REFERENCE_STYLES,
                      MAX_REFERENCE_SUBJECTS, SEED, SEED_MAX, STEPS, WIDTH)
-from .model_set import LoadedModels, ModelFiles, file_storage, load_models
+from .model_set import LoadedModels, ModelFiles, fitted_precision, load_models
 from .user_lora import UserLora, read_user_lora
 from .errors import InputError, ModelFileError, OutOfMemoryError
 
@@ -222,9 +222,14 @@ class USOPipeline:
     def from_files(cls, files: ModelFiles, options: EngineOptions = EngineOptions(),
                    on_load_step: Callable[[str], None] | None = None,
                    hooks: memory.DeviceHooks | None = None) -> "USOPipeline":
-        precision = memory.resolve_precision(options.precision, memory.resolve_device(options.device),
-                                             file_storage(files))
-        models = load_models(files, precision, options.comfy_tokenizer_dirs, on_load_step)
+        device = memory.resolve_device(options.device)
+        free = hooks.available_bytes(device) if hooks and hooks.available_bytes and device.type != "cpu" else None
+        chosen = fitted_precision(files, options.precision, device,
+                                  free if free is not None else memory.free_memory(device),
+                                  memory.host_memory(), options.encoders)
+        if chosen.note:   # 16-bit weights stored as fp8 to fit, or what would fit
+            logging.getLogger("uso.engine").warning("precision: %s", chosen.note)
+        models = load_models(files, chosen.precision, options.comfy_tokenizer_dirs, on_load_step)
         return cls(models, options, hooks)
 
     def _quantized(self) -> bool:

@@ -59,6 +59,7 @@ def test_no_plan_exceeds_the_hosts_ram_or_its_pin_cap(rows):
 
 
 def test_each_rows_mode_is_the_fastest_that_fits(rows, sizes):
+    by_name = {fs.name: fs for fs in memory_table.FILE_SETS}
     candidates = [("gpu", "resident"), ("gpu", "offload"), ("model_offload", "offload"), ("group_offload", "offload")]
     for r in rows:
         if r.plan is None:
@@ -66,8 +67,10 @@ def test_each_rows_mode_is_the_fastest_that_fits(rows, sizes):
         free = r.card_gib * GIB - memory_table.CUDA_CONTEXT_BYTES
         chosen = candidates.index((r.plan.mode, r.plan.encoders))
         assert r.plan.fits and r.plan.device_peak_bytes <= free, r
+        # A row `auto` stored as fp8 to fit is planned at that precision's sizes.
+        at = memory_table.model_sizes(by_name[r.file_set], r.precision) if r.stored_fp8 else sizes[r.file_set]
         for faster in candidates[:chosen]:
-            assert device_peak(*faster, sizes[r.file_set]) > free, (r, faster)
+            assert device_peak(*faster, at) > free, (r, faster)
         assert MODE_ORDER.index(r.plan.mode) == chosen - (chosen > 0)
 
 
@@ -83,11 +86,13 @@ def test_the_default_file_on_a_16_gb_card_samples_with_the_transformer_resident(
         16 * GIB - memory_table.CUDA_CONTEXT_BYTES
 
 
-def test_the_default_file_fits_a_32_gb_host_and_bf16_split_files_say_what_would(rows):
+def test_the_default_file_fits_a_32_gb_host_and_bf16_split_files_are_stored_as_fp8_there(rows):
     by = {(r.file_set, r.card_gib, r.host_gib): r for r in rows}
     assert all(by[("fp8 all-in-one", c, 32)].fits for c in memory_table.CARDS_GIB)
-    bf16 = by[("bf16 split", 24, 32)]
-    assert bf16.plan is None and bf16.advice == "fits: fp8 all-in-one, a 64 GB host"
+    assert all(by[("bf16 split", c, 32)].fits and by[("bf16 split", c, 32)].stored_fp8 == "transformer"
+               for c in memory_table.CARDS_GIB)
+    bf16 = by[("bf16 split", 24, 16)]   # not even fp8 storage fits a 16 GB host: said so, with what would
+    assert bf16.plan is None and bf16.advice == "fits: a 32 GB host" and not bf16.stored_fp8
 
 
 def test_gguf_block_sizes_are_ggmls():

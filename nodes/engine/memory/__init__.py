@@ -1,5 +1,6 @@
-"""Memory: which dtype each model runs in (`precision`), which memory mode fits (`plan`; at full
-size before loading: `engine.memory_table`), and where each model lives and moving it there (`placement`).
+"""Memory: which dtype each model runs in (`precision`; under `auto`, 16-bit weights stored as fp8
+where they would not fit otherwise: `fit`), which memory mode fits (`plan`; at full size before
+loading: `engine.memory_table`), and where each model lives and moving it there (`placement`).
 
 Built on diffusers' own machinery:
 - fp8 storage: `fp8.UpcastLinear` (weights stored in float8, upcast to the compute dtype inside the
@@ -26,16 +27,17 @@ On a machine without a GPU nothing moves; the offload modes still install their 
 """
 from __future__ import annotations
 
+from . import fit
 from .placement import OUT_OF_MEMORY, DeviceHooks, Placement, has_group_offload
 from .plan import (ENCODER_PLACEMENTS, HOST_RESERVE_BYTES, MAX_PINNED_SHARE, MEMORY_MODES, HostMemory,
                    MemoryPlan, ModelSizes, ModuleSize, free_memory, host_memory, module_bytes, pin_budget,
-                   pinned_bytes, plan_memory)
+                   pinned_block_bytes, pinned_bytes, plan_memory)
 from .precision import (FP8_KINDS, PRECISIONS, FileStorage, Precision, native_bf16, resolve_device,
                         resolve_precision)
 
 __all__ = ["OUT_OF_MEMORY", "DeviceHooks", "Placement", "has_group_offload",
            "ENCODER_PLACEMENTS", "HOST_RESERVE_BYTES", "MAX_PINNED_SHARE", "MEMORY_MODES", "HostMemory",
            "MemoryPlan", "ModelSizes", "ModuleSize", "free_memory", "host_memory", "module_bytes",
-           "pin_budget", "pinned_bytes", "plan_memory",
+           "pin_budget", "pinned_block_bytes", "pinned_bytes", "plan_memory", "fit",
            "FP8_KINDS", "PRECISIONS", "FileStorage", "Precision", "native_bf16", "resolve_device",
            "resolve_precision"]
