@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -63,7 +63,9 @@ class DeviceFacts:
     fp16_ok: bool
     fp8_storage: bool                # float8 tensors can live on the device (not on MPS, not DirectML)
     total_bytes: int | None = None   # the device's memory (a Mac: its unified RAM)
-    free_bytes: int | None = None    # free now; None: not known (then `total_bytes` is used)
+    #: Free now; None: not known (then `total_bytes` is used). Not compared: facts read at two
+    #: moments are the same device with the same choices (a loaded pipeline stays cached).
+    free_bytes: int | None = field(default=None, compare=False)
     unified: bool = False            # the host and the device share one RAM (Apple Silicon)
     positions_on_cpu: bool = False   # no float64 on the device: FLUX's position embedding runs on the CPU
     generator: bool = True           # torch.Generator exists for the device (not on DirectML)
@@ -77,6 +79,8 @@ class DeviceFacts:
     vram_state: str = "normal"              # VRAM_STATES (--lowvram, --novram, --highvram, --gpu-only)
     reserve_bytes: int = 0                  # --reserve-vram: kept free for other programs
     pin_allowed: bool = True                # --disable-pinned-memory turns it off
+    #: At most this much page-locked (ComfyUI's own cap, less what it pinned); not compared, like free_bytes.
+    pin_cap_bytes: int | None = field(default=None, compare=False)
     mmap: bool = True                       # --disable-mmap turns it off
     #: Where the free figure came from, said in the plan's reason when it is not the device's own.
     note: str = ""

@@ -277,8 +277,13 @@ def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSize
     else:
         free = free_bytes if free_bytes is not None else free_memory(device)
     pins = pin_budget(host if host is not None else host_memory()) if on_gpu and not unified else None
-    if facts is not None and not facts.pin_allowed and pins is not None:
-        pins = 0
+    if facts is not None and pins is not None:
+        if not facts.pin_allowed:
+            pins = 0
+        elif facts.pin_cap_bytes is not None:
+            pins = min(pins, facts.pin_cap_bytes)
+    if facts is not None and facts.note and not note:
+        note = f"; {facts.note}"
     fp8_ok = facts is None or facts.fp8_storage
 
     def smaller_weights_hint() -> str:
