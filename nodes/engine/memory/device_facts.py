@@ -21,9 +21,10 @@ VRAM_STATES = ("normal", "low", "no", "high", "shared", "disabled")
 #: AMD architectures with bf16 in hardware: CDNA2 and newer (gfx90a, gfx94x, gfx95x), RDNA3 and
 #: newer (gfx11xx, gfx12xx). RDNA2 and older (gfx1030, gfx1010, gfx906 ...) only emulate it.
 ROCM_BF16_PREFIXES = ("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
-#: What the system keeps of a Mac's unified RAM (the OS, the window server, other programs):
-#: planning uses the rest as one pool for the weights on the device and on the host.
-UNIFIED_SYSTEM_BYTES = 4 * 1024 ** 3
+#: What a Mac's unified RAM keeps besides the weights: the OS, the window server and other
+#: programs (4 GiB), the Python process with torch (2 GiB). Planning uses the rest as one pool for
+#: the weights on the device and on the host.
+UNIFIED_SYSTEM_BYTES = 6 * 1024 ** 3
 
 
 def rocm_native_bf16(arch: str) -> bool:
