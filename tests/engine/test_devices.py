@@ -277,3 +277,25 @@ def test_text_encoders_and_the_vae_on_the_host_stay_there():
 
 def test_facts_read_at_two_moments_are_equal():
     assert card(gib=24) == DeviceFacts.of_kind("cuda", total_bytes=24 * GIB, free_bytes=GIB, native_bf16=True)
+
+
+def test_an_amd_pipeline_runs_the_vae_attention_without_sdpa():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    amd = USOPipeline(build_random_models("tiny", dtype=torch.float32),
+                      EngineOptions(device="cpu", precision="fp32", facts=DeviceFacts.of_kind("rocm", "cpu")))
+    assert {type(p) for p in amd.vae.attn_processors.values()} == {AttnProcessor}
+    nvidia = USOPipeline(build_random_models("tiny", dtype=torch.float32),
+                         EngineOptions(device="cpu", precision="fp32", facts=DeviceFacts.of_kind("cuda", "cpu")))
+    assert AttnProcessor not in {type(p) for p in nvidia.vae.attn_processors.values()}
+
+
+def test_a_subject_sampled_with_a_seed_draws_on_the_cpu():
+    from nodes.engine import vae as vae_module
+
+    models = build_random_models("tiny", dtype=torch.float32)
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    a = vae_module.encode_latents(models.vae, pixels, sample_seed=5)
+    dist = models.vae.encode(pixels).latent_dist
+    expected = vae_module.scale(models.vae, dist.sample(generator=torch.Generator("cpu").manual_seed(5)))
+    assert torch.equal(a, expected)
