@@ -41,7 +41,7 @@ def batch_seeds(seed: int, count: int) -> list[int]:
 class EngineOptions:
     precision: str = "auto"        # memory.PRECISIONS
     memory: str = "auto"           # memory.MEMORY_MODES
-    device: str | None = None      # None: cuda if available, else cpu
+    device: str | None = None      # None: cuda, else mps, else xpu, else cpu (`memory.resolve_device`)
     lora_mode: str = "auto"        # auto = fused, except unfused over fp8 / GGUF weights
     lora_strength: float = 1.0
     comfy_tokenizer_dirs: dict = field(default_factory=dict)
