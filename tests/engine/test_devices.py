@@ -299,3 +299,12 @@ def test_a_subject_sampled_with_a_seed_draws_on_the_cpu():
     dist = models.vae.encode(pixels).latent_dist
     expected = vae_module.scale(models.vae, dist.sample(generator=torch.Generator("cpu").manual_seed(5)))
     assert torch.equal(a, expected)
+
+
+def test_bf16_named_or_forced_runs_in_bf16_where_comfyui_would_not_choose_it():
+    cpu = DeviceFacts.of_kind("cpu", native_bf16=False)   # ComfyUI's should_use_bf16 on the CPU
+    assert memory.resolve_precision("bf16", torch.device("cpu"), facts=cpu).compute == torch.bfloat16
+    forced = DeviceFacts.of_kind("cpu", native_bf16=False, unet_dtype=torch.bfloat16)
+    assert memory.resolve_precision("auto", torch.device("cpu"), facts=forced).compute == torch.bfloat16
+    old_mac = DeviceFacts.of_kind("mps", native_bf16=False, unet_dtype=torch.bfloat16)
+    assert memory.resolve_precision("auto", MPS, facts=old_mac).compute == torch.float16

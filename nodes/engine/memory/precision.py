@@ -97,7 +97,8 @@ def resolve_precision(precision: str, device: torch.device, stored: FileStorage 
         raise InputError(f"precision: 'fp8_e4m3fn' stores weights as float8, which PyTorch cannot hold on "
                          f"{facts.kind} ({facts.device}); choose precision 'auto' (an fp8 file is then upcast to "
                          f"16 bits as it loads) or 'bf16' / 'fp16', or a GGUF transformer to save memory.")
-    if precision == "auto" and facts is not None and facts.unet_dtype in _FORCED:
+    forced = precision == "auto" and facts is not None and facts.unet_dtype in _FORCED
+    if forced:
         precision = _FORCED[facts.unet_dtype]
         if precision == "fp8_e4m3fn" and not fp8_ok:
             precision = "auto"
@@ -113,6 +114,10 @@ def resolve_precision(precision: str, device: torch.device, stored: FileStorage 
     elif precision == "bf16" and not bf16_ok and device.type == "cuda":
         # Named explicitly: emulated bf16 is slow but it is what was asked for, where it runs at all.
         bf16_ok = torch.cuda.is_bf16_supported(including_emulation=True)
+    elif precision == "bf16" and not bf16_ok and (device.type == "cpu" or (forced and device.type != "mps")):
+        # The CPU runs bf16 (slowly: ComfyUI's should_use_bf16 says no there), and --bf16-unet is an order;
+        # MPS before macOS 14 cannot, whatever is asked.
+        bf16_ok = True
     if precision == "fp32":
         return _forced(Precision(torch.float32, False, torch.float32, torch.float32, torch.float32), facts)
     # fp8 storage computes in fp16 where bf16 is only emulated (upcasting fp8 to fp16 is exact too).
