@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--tokenizers", metavar="DIR", help="folder with t5/ and clip_l/ tokenizer folders")
     models.add_argument("--precision", choices=PRECISIONS, default="auto")
     models.add_argument("--memory", choices=MEMORY_MODES, default="auto")
-    models.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    models.add_argument("--device", help="cuda, cuda:1, mps, xpu, cpu (default: cuda, else mps, else xpu, else cpu)")
     models.add_argument("--plan", action="store_true", help="print what memory and precision 'auto' pick for "
                         "each file set on 8-80 GB cards and 16-64 GB hosts (the models at full size on meta "
                         "tensors; nothing is loaded), then exit")

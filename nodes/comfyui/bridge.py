@@ -25,8 +25,10 @@ try:
     import comfy.model_management as _mm
     import comfy.model_patcher as _model_patcher
     import comfy.utils as _comfy_utils
+    from comfy.cli_args import args as _args
 except ImportError:  # ComfyUI is absent
     _folder_paths = None
+    _args = None
     _mm = None
     _model_patcher = None
     _comfy_utils = None
@@ -210,6 +212,74 @@ def send_progress_text(text: str, node_id: str | None) -> None:
 def torch_device() -> str | None:
     """ComfyUI's device (honours --cpu, --cuda-device ...); None outside ComfyUI: the engine picks."""
     return str(_mm.get_torch_device()) if _mm is not None else None
+
+
+#: FLUX.1-dev's transformer parameters, for ComfyUI's dtype decisions that weigh the model's size.
+FLUX_PARAMS = 11_901_408_320
+
+
+def device_facts():
+    """The device and ComfyUI's decisions for it as `DeviceFacts` (None outside ComfyUI: the
+    engine probes the device itself), read from comfy.model_management and the command-line
+    flags, so a flag means for USO what it means for ComfyUI's own nodes:
+
+    - the transformer dtype: `unet_dtype` when a flag forced it (--force-fp32, --force-fp16,
+      --bf16-unet, --fp16-unet, --fp32-unet, --fp8_e4m3fn-unet); `should_use_bf16` for native bf16;
+    - the text encoders: `text_encoder_device` (the CPU on a Mac, with --lowvram or --novram),
+      --fp16-text-enc / --bf16-text-enc / --fp32-text-enc / --fp8_e4m3fn-text-enc, fp16 on a Mac;
+    - the VAE: --cpu-vae, --fp16-vae / --bf16-vae / --fp32-vae;
+    - fp8 storage where `supports_cast` allows float8 (not MPS, not DirectML);
+    - the memory: `get_free_memory` / `get_total_memory` (DirectML: ComfyUI's fixed 1 GiB is not
+      a measurement, so no figure), `vram_state` (--lowvram, --novram, --highvram, --gpu-only),
+      `extra_reserved_memory` (--reserve-vram, else ComfyUI's default reserve), pinning only when
+      ComfyUI pins (not --disable-pinned-memory; NVIDIA and AMD) within its cap, --disable-mmap.
+    """
+    if _mm is None:
+        return None
+    import torch
+
+    from ..engine.memory import DeviceFacts
+
+    device = _mm.get_torch_device()
+    if _mm.directml_enabled:
+        kind = "directml"
+    elif device.type in ("mps", "xpu", "cpu"):
+        kind = device.type
+    else:
+        kind = "rocm" if _mm.is_amd() else "cuda"
+    a = _args
+    unet = None
+    if a.force_fp32 or a.fp16_unet or a.bf16_unet or a.fp32_unet or a.fp8_e4m3fn_unet:
+        unet = _mm.unet_dtype(device, model_params=FLUX_PARAMS,
+                              supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    text = {"fp8_e4m3fn_text_enc": torch.float8_e4m3fn, "fp16_text_enc": torch.float16,
+            "bf16_text_enc": torch.bfloat16, "fp32_text_enc": torch.float32}
+    text_dtype = next((d for flag, d in text.items() if getattr(a, flag, False)), None)
+    if text_dtype is None and kind == "mps":
+        text_dtype = _mm.text_encoder_dtype(device)    # ComfyUI's T5 on a Mac: fp16 (on the CPU)
+    vae = {"fp16_vae": torch.float16, "bf16_vae": torch.bfloat16, "fp32_vae": torch.float32}
+    vae_dtype = next((d for flag, d in vae.items() if getattr(a, flag, False)), None)
+    if kind == "directml":
+        total = free = None
+        note = "DirectML reports no memory figures (ComfyUI assumes 1 GiB)"
+    else:
+        total, free, note = int(_mm.get_total_memory(device)), int(_mm.get_free_memory(device)), ""
+    cap = getattr(_mm, "MAX_PINNED_MEMORY", -1)
+    return DeviceFacts(
+        device=str(device), kind=kind, native_bf16=bool(_mm.should_use_bf16(device)),
+        fp16_ok=bool(_mm.should_use_fp16(device)),
+        fp8_storage=bool(_mm.supports_cast(device, torch.float8_e4m3fn)),
+        total_bytes=total, free_bytes=free, unified=kind == "mps",
+        positions_on_cpu=kind in ("xpu", "directml"), generator=kind != "directml",
+        vae_sdpa=not _mm.is_amd(),   # pytorch_attention_enabled_vae: off on AMD (high-res crashes)
+        unet_dtype=unet, text_dtype=text_dtype,
+        text_device="cpu" if _mm.text_encoder_device().type == "cpu" else None,
+        vae_dtype=vae_dtype, vae_device="cpu" if _mm.vae_device().type == "cpu" else None,
+        vram_state=_mm.vram_state.name.lower().removesuffix("_vram"),
+        reserve_bytes=int(_mm.extra_reserved_memory()),
+        pin_allowed=not a.disable_pinned_memory and cap > 0,
+        pin_cap_bytes=max(0, int(cap - getattr(_mm, "TOTAL_PINNED_MEMORY", 0))) if cap > 0 else None,
+        mmap=not a.disable_mmap, note=note)
 
 
 def device_hooks():

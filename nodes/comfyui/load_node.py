@@ -181,7 +181,7 @@ class USOLoadModels(io.ComfyNode):
         options = EngineOptions(precision=precision, memory=memory, lora_mode=lora_mode, encoders=encoders,
                                 attention=attention, compile=bool(compile),
                                 step_cache=check_step_cache(step_cache),
-                                device=bridge.torch_device(),
+                                device=bridge.torch_device(), facts=bridge.device_facts(),
                                 comfy_tokenizer_dirs=bridge.shipped_tokenizer_dirs())
         progress = bridge.Progress(len(LOAD_STEPS), node_id=unique_id(cls))
 

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from . import fp8, lora
+from .memory.device_facts import DeviceFacts
 from .memory.fit import fit_precision, try_precision
-from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes
+from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes, plan_memory
 from .memory.precision import FileStorage, Precision, resolve_precision
 
 CUDA_CONTEXT_BYTES = _GIB // 2
@@ -193,4 +194,54 @@ def markdown(rows: list[PlanRow]) -> str:
              "|---|---|" + "---|" * len(cards)]
     for name, host in dict.fromkeys((r.file_set, r.host_gib) for r in rows):
         lines.append(f"| {name} | {host} GB | " + " | ".join(cell(by_key[(name, host, c)]) for c in cards) + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: Apple Silicon Macs by unified RAM (the README's Mac table).
+MACS_GIB = (16, 32, 64, 128)
+
+
+def mac_facts(ram_gib: int) -> DeviceFacts:
+    """A Mac with `ram_gib` of unified RAM on macOS 14 or newer (bf16 on MPS)."""
+    return DeviceFacts.of_kind("mps", total_bytes=ram_gib * _GIB, native_bf16=True)
+
+
+def mac_plan_table(macs=MACS_GIB, file_sets=FILE_SETS) -> list[PlanRow]:
+    """Every file set on Apple Silicon Macs (macOS 14+), `auto` everywhere: MPS holds no float8, so
+    fp8 files are upcast to bf16 as they load (T5 to fp16, on the CPU, as ComfyUI runs it) and a
+    GGUF transformer stays packed. Host and device are one pool (`DeviceFacts.plan_free_bytes`):
+    a row fits when every weight, the largest job and the allocator's slack fit the RAM the
+    system leaves. A row that does not fit names the first file set that does, or a larger Mac."""
+    mps = torch.device("mps")
+    rows = {}
+    for fs in file_sets:
+        precision = resolve_precision("auto", mps, fs.stored, facts=mac_facts(macs[0]))
+        sizes = model_sizes(fs, precision)
+        for ram in macs:
+            plan = plan_memory("auto", "auto", mps, sizes, facts=mac_facts(ram))
+            rows[(fs.name, ram)] = PlanRow(fs.name, ram, ram, plan, PROCESS_BYTES + plan.host_bytes)
+    out = []
+    for (name, ram), row in rows.items():
+        if not row.fits:
+            others = [fs.name for fs in file_sets if rows[(fs.name, ram)].fits]
+            bigger = [f"a {m} GB Mac" for m in macs if m > ram and rows[(name, m)].fits]
+            advice = ", ".join(others[:1] + bigger[:1]) or "nothing listed here"
+            row = PlanRow(row.file_set, ram, ram, row.plan, row.host_peak_bytes, f"fits: {advice}")
+        out.append(row)
+    return out
+
+
+def mac_markdown(rows: list[PlanRow]) -> str:
+    """The Mac table in Markdown: one line per file set, one column per Mac; a cell gives the
+    unified RAM the run needs at its peak (weights + the largest job + slack), in GiB."""
+    macs = sorted({r.card_gib for r in rows})
+    by_key = {(r.file_set, r.card_gib): r for r in rows}
+    lines = ["| files | " + " | ".join(f"{m} GB Mac" for m in macs) + " |", "|---|" + "---|" * len(macs)]
+
+    def mac_cell(row: PlanRow) -> str:
+        peak = _gib(row.plan.device_peak_bytes)
+        return f"mps {peak}" if row.fits else f"✗ {peak}; {row.advice}"
+
+    for name in dict.fromkeys(r.file_set for r in rows):
+        lines.append(f"| {name} | " + " | ".join(mac_cell(by_key[(name, m)]) for m in macs) + " |")
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from .detect import AIO_PREFIXES, EXPECTED, has_prefix
 from .errors import ModelFileError
 from .loaders import Component
 from .fp8 import FP8_DTYPES
-from .memory import FileStorage, HostMemory, ModelSizes, ModuleSize, Precision, fit, pinned_block_bytes
+from .memory import DeviceFacts, FileStorage, HostMemory, ModelSizes, ModuleSize, Precision, fit, pinned_block_bytes
 from .scaled_fp8 import is_scaled_fp8
 from .weight_files import open_weights
 
@@ -261,17 +261,18 @@ def planned_sizes(files: ModelFiles, precision: Precision, stored: FileStorage) 
 
 
 def fitted_precision(files: ModelFiles, asked: str, device: torch.device, free_bytes: int,
-                     host: HostMemory | None, encoders: str = "auto", native: bool | None = None) -> fit.Fit:
+                     host: HostMemory | None, encoders: str = "auto", native: bool | None = None,
+                     facts: DeviceFacts | None = None) -> fit.Fit:
     """The precision to load `files` in on `device` (`resolve_precision` from what the files
     store; under `auto`, 16-bit weights stored as fp8 where they would fit nowhere otherwise:
     `memory.fit`), decided from the headers before any weight is read. `free_bytes`: the device's
-    free memory; `host`: the host RAM now, before loading; `native`: as `resolve_precision`."""
+    free memory; `host`: the host RAM now, before loading; `native`, `facts`: as `resolve_precision`."""
     from .memory import resolve_precision
 
     stored = file_storage(files)
-    precision = resolve_precision(asked, device, stored, native)
+    precision = resolve_precision(asked, device, stored, native, facts)
     return fit.fit_precision(asked, device, precision, lambda p: planned_sizes(files, p, stored), free_bytes, host,
-                             encoders, stored.transformer)
+                             encoders, stored.transformer, facts)
 
 
 def load_models(files: ModelFiles, precision: Precision, comfy_tokenizer_dirs: dict | None = None,

@@ -41,7 +41,7 @@ def batch_seeds(seed: int, count: int) -> list[int]:
 class EngineOptions:
     precision: str = "auto"        # memory.PRECISIONS
     memory: str = "auto"           # memory.MEMORY_MODES
-    device: str | None = None      # None: cuda if available, else cpu
+    device: str | None = None      # None: cuda, else mps, else xpu, else cpu (`memory.resolve_device`)
     lora_mode: str = "auto"        # auto = fused, except unfused over fp8 / GGUF weights
     lora_strength: float = 1.0
     comfy_tokenizer_dirs: dict = field(default_factory=dict)
@@ -49,6 +49,23 @@ class EngineOptions:
     attention: str = "native"      # speed.ATTENTION_CHOICES (diffusers' attention dispatcher)
     compile: bool = False          # regional torch.compile of the repeated transformer blocks
     step_cache: float = 0.0        # First Block Cache threshold; 0 = off
+    #: What the device can do and what the user forced (inside ComfyUI: its flags, `bridge.device_facts`);
+    #: None: `memory.DeviceFacts.probe` of the device.
+    facts: memory.DeviceFacts | None = None
+
+
+def device_facts(options: EngineOptions) -> memory.DeviceFacts:
+    """The facts the options carry, else those torch gives for the options' device."""
+    if options.facts is not None:
+        return options.facts
+    return memory.DeviceFacts.probe(memory.resolve_device(options.device))
+
+
+def run_device(options: EngineOptions) -> torch.device:
+    """The options' device; with none named, the one the facts describe."""
+    if options.device is None and options.facts is not None:
+        return options.facts.torch_device
+    return memory.resolve_device(options.device)
 
 
 @dataclass(frozen=True)
@@ -171,9 +188,11 @@ class USOPipeline:
                  hooks: memory.DeviceHooks | None = None):
         """`hooks`: how a host (ComfyUI) shares the device; None outside one."""
         self.options = options
-        self.device = memory.resolve_device(options.device)
+        self.device = run_device(options)
+        self.facts = device_facts(options)
         # Loaded models carry the precision their files were read in (`auto` follows the files).
-        self.precision = models.precision or memory.resolve_precision(options.precision, self.device)
+        self.precision = models.precision or memory.resolve_precision(options.precision, self.device,
+                                                                      facts=self.facts)
         self._lock = threading.RLock()
         self._prompt_cache = _LRU(8)
         self._style_cache = _LRU(32)
@@ -199,22 +218,31 @@ class USOPipeline:
         if self.precision.fp8_storage:
             fp8.enable_fp8_storage(self.transformer, self.precision.compute)
 
+        if self.facts.positions_on_cpu:
+            positions.embed_positions_on_host(self.transformer)
+        if not self.facts.vae_sdpa:
+            from diffusers.models.attention_processor import AttnProcessor
+            self.vae.set_attn_processor(AttnProcessor())   # ComfyUI turns the VAE's SDPA off on AMD
         others = [self.vae, self.t5, self.clip, self.siglip, self.projector]
         encoders = [self.t5, self.clip, self.siglip, self.projector]
+        # ComfyUI's text encoder device (a Mac's CPU, --lowvram ...) and --cpu-vae keep those on the host.
+        on_host = ([self.t5, self.clip] if self.facts.text_device == "cpu" else []) + \
+            ([self.vae] if self.facts.vae_device == "cpu" else [])
         self.memory_plan = memory.plan_memory(
             options.memory, options.encoders, self.device,
-            memory.ModelSizes.of(self.transformer, self.vae, encoders, self._quantized()),
+            memory.ModelSizes.of(self.transformer, self.vae, [m for m in encoders if m not in on_host],
+                                 self._quantized()),
             free_bytes=hooks.available_bytes(self.device)
-            if hooks and hooks.available_bytes and self.device.type != "cpu" else None)
+            if hooks and hooks.available_bytes and self.device.type != "cpu" else None, facts=self.facts)
         # Offloading is slower; the reason says whether fp8 or GGUF weights would avoid it.
         logging.getLogger("uso.engine").log(logging.INFO if self.memory_plan.mode == "gpu" else logging.WARNING,
                                             "memory plan: %s", self.memory_plan.summary())
         self.memory_mode = self.memory_plan.mode
         self.placement = memory.Placement(self.memory_mode, self.device, self.memory_plan.encoders,
                                           self.memory_plan.pin_budget_bytes,
-                                          hooks.before_use if hooks else None)
+                                          hooks.before_use if hooks else None, unified=self.facts.unified)
         self.placement.on_release = _adapters_leave_with(self.transformer)
-        self.placement.setup(self.transformer, others, encoders=encoders)
+        self.placement.setup(self.transformer, others, encoders=encoders, on_host=on_host)
         self.speed = speed.apply(self.transformer, speed.SpeedSettings(
             options.attention, options.compile, options.step_cache), self.device, self.precision.compute)
 
@@ -222,11 +250,11 @@ class USOPipeline:
     def from_files(cls, files: ModelFiles, options: EngineOptions = EngineOptions(),
                    on_load_step: Callable[[str], None] | None = None,
                    hooks: memory.DeviceHooks | None = None) -> "USOPipeline":
-        device = memory.resolve_device(options.device)
+        device, facts = run_device(options), device_facts(options)
         free = hooks.available_bytes(device) if hooks and hooks.available_bytes and device.type != "cpu" else None
         chosen = fitted_precision(files, options.precision, device,
                                   free if free is not None else memory.free_memory(device),
-                                  memory.host_memory(), options.encoders)
+                                  memory.host_memory(), options.encoders, facts=facts)
         if chosen.note:   # 16-bit weights stored as fp8 to fit, or what would fit
             logging.getLogger("uso.engine").warning("precision: %s", chosen.note)
         models = load_models(files, chosen.precision, options.comfy_tokenizer_dirs, on_load_step)
@@ -602,6 +630,8 @@ class USOPipeline:
     def _empty_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
 
     def _guarded(self, doing: str, work: Callable[[], object]):
         """`work()`; out of device memory, the memory is given back (the models leave the device and
@@ -609,8 +639,10 @@ class USOPipeline:
         the memory mode that would fit."""
         try:
             return work()
-        except memory.OUT_OF_MEMORY:
-            pass  # leave the except block first: the error's traceback holds the failed run's tensors
+        except RuntimeError as exc:  # CUDA's OutOfMemoryError is one; MPS and XPU raise a plain one
+            if not memory.is_out_of_memory(exc):
+                raise
+            # leave the except block first: the error's traceback holds the failed run's tensors
         with self._lock:
             gc.collect()
             self.placement.release(self.modules())
@@ -623,7 +655,7 @@ class USOPipeline:
         current = self.memory_mode
         lighter = order[order.index(current) + 1:] if current in order else []
         fixes = [f"memory '{lighter[0]}'"] if lighter else []
-        if not self.precision.fp8_storage:
+        if not self.precision.fp8_storage and self.facts.fp8_storage:
             fixes.append("precision 'fp8_e4m3fn'")
         if not fixes:
             fixes.append("a smaller GGUF transformer (e.g. Q8_0)")

@@ -44,3 +44,26 @@ def subject_ids(noise_tokens_hw: tuple[int, int],
         h_shift += h
         w_shift += w
     return out
+
+
+class HostPositionEmbedding(torch.nn.Module):
+    """FLUX's rotary position embedding (diffusers' `FluxPosEmbed`) computed on the CPU and moved
+    to the ids' device. diffusers computes it in float64 everywhere but MPS and NPU; Intel XPUs
+    (Arc, integrated) and DirectML have no float64, so there it runs on the CPU, as ComfyUI does.
+    The embedding holds no weights: the cost is one small table per step."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor):
+        out = self.inner(ids.to("cpu"))
+        if isinstance(out, torch.Tensor):
+            return out.to(ids.device)
+        return tuple(t.to(ids.device) for t in out)
+
+
+def embed_positions_on_host(transformer: torch.nn.Module) -> None:
+    """Compute `transformer.pos_embed` on the CPU from now on (once: a second call changes nothing)."""
+    if not isinstance(transformer.pos_embed, HostPositionEmbedding):
+        transformer.pos_embed = HostPositionEmbedding(transformer.pos_embed)

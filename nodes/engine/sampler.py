@@ -41,10 +41,14 @@ def style_injection(transformer, style_tokens: torch.Tensor | None):
 
 
 def initial_noise(seed: int, width: int, height: int, device) -> torch.Tensor:
-    """The reference's noise: bf16 straight from a seeded generator on the run device."""
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    """The starting noise of `seed`: bf16 from a seeded generator on the CPU, then moved to the run
+    device. On the CPU this is the reference's noise exactly (it draws on the run device); on a GPU
+    the reference's CUDA draw is given up so that a seed starts from the same noise on every device
+    (MPS, XPU and DirectML included: DirectML has no generator of its own, and bf16 randn raises on
+    macOS 13's MPS)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
     shape = (1, 16, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
-    return torch.randn(shape, dtype=torch.bfloat16, device=device, generator=generator)
+    return torch.randn(shape, dtype=torch.bfloat16, generator=generator).to(device)
 
 
 def noised_latent(x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:

@@ -15,7 +15,8 @@ def encode_latents(vae, pixels: torch.Tensor, sample_seed: int | None = None) ->
     if sample_seed is None:
         z = dist.mode()
     else:
-        generator = torch.Generator(device=param.device).manual_seed(int(sample_seed))
+        # A CPU generator (diffusers draws on it and moves the sample): DirectML has none of its own.
+        generator = torch.Generator(device="cpu").manual_seed(int(sample_seed))
         z = dist.sample(generator=generator)
     return scale(vae, z)
 

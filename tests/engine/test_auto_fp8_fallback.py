@@ -124,7 +124,7 @@ def test_tiny_files_stored_as_fp8_to_fit_load_and_sample_within_the_fp8_toleranc
     from nodes.engine import pipeline as pipeline_module
     asked = []
     monkeypatch.setattr(pipeline_module, "fitted_precision",
-                        lambda f, precision, device, free, host_now, encoders: asked.append(precision) or chosen)
+                        lambda f, precision, device, free, host_now, encoders, facts=None: asked.append(precision) or chosen)
     with caplog.at_level(logging.WARNING, logger="uso.engine"):
         pipe = USOPipeline.from_files(files, EngineOptions(device="cpu"))
     assert asked == ["auto"]
@@ -154,3 +154,22 @@ def test_on_an_fp16_card_the_fallback_computes_in_fp16_and_t5_in_fp32():
     both = fit.fit_precision("auto", CUDA, precision, sizes_of, 40 * GIB, memory.HostMemory(9 * GIB, 16 * GIB))
     assert both.stored_fp8 == "transformer and T5" and both.precision.text == torch.float32
     assert both.precision.t5_storage == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("kind, stores_fp8", [("cuda", True), ("rocm", True), ("mps", False), ("xpu", False),
+                                              ("directml", False), ("cpu", False)])
+def test_fp8_storage_to_fit_only_on_nvidia_and_amd_cards(split_sizes, kind, stores_fp8):
+    # The same bf16 split files and 32 GB host: an NVIDIA or AMD card stores the transformer as fp8
+    # to fit; a Mac, an Intel GPU, DirectML or the CPU load what the files store.
+    facts = memory.DeviceFacts.of_kind(kind, total_bytes=24 * GIB, native_bf16=True)
+    device = facts.torch_device
+    precision = memory.resolve_precision("auto", device, SPLIT.stored, facts=facts)
+    chosen = fit.fit_precision("auto", device, precision, split_sizes, 24 * GIB - memory_table.CUDA_CONTEXT_BYTES,
+                               memory_table.simulated_host(32), facts=facts)
+    assert chosen.precision.fp8_storage is stores_fp8
+    assert (chosen.stored_fp8 == "transformer") is stores_fp8
+
+
+def test_no_fp8_fallback_where_the_device_cannot_hold_float8():
+    facts = memory.DeviceFacts.of_kind("cuda", total_bytes=24 * GIB, fp8_storage=False)
+    assert not fit.holds_fp8(CUDA, facts) and fit.holds_fp8(CUDA, memory.DeviceFacts.of_kind("cuda"))

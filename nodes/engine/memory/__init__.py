@@ -28,14 +28,16 @@ On a machine without a GPU nothing moves; the offload modes still install their 
 from __future__ import annotations
 
 from . import fit
-from .placement import OUT_OF_MEMORY, DeviceHooks, Placement, has_group_offload
+from .device_facts import DEVICE_KINDS, VRAM_STATES, DeviceFacts
+from .placement import OUT_OF_MEMORY, DeviceHooks, Placement, has_group_offload, is_out_of_memory
 from .plan import (ENCODER_PLACEMENTS, HOST_RESERVE_BYTES, MAX_PINNED_SHARE, MEMORY_MODES, HostMemory,
                    MemoryPlan, ModelSizes, ModuleSize, free_memory, host_memory, module_bytes, pin_budget,
                    pinned_block_bytes, pinned_bytes, plan_memory)
 from .precision import (FP8_KINDS, PRECISIONS, FileStorage, Precision, native_bf16, resolve_device,
                         resolve_precision)
 
-__all__ = ["OUT_OF_MEMORY", "DeviceHooks", "Placement", "has_group_offload",
+__all__ = ["DEVICE_KINDS", "VRAM_STATES", "DeviceFacts", "OUT_OF_MEMORY", "DeviceHooks", "Placement",
+           "has_group_offload", "is_out_of_memory",
            "ENCODER_PLACEMENTS", "HOST_RESERVE_BYTES", "MAX_PINNED_SHARE", "MEMORY_MODES", "HostMemory",
            "MemoryPlan", "ModelSizes", "ModuleSize", "free_memory", "host_memory", "module_bytes",
            "pin_budget", "pinned_block_bytes", "pinned_bytes", "plan_memory", "fit",

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .device_facts import DeviceFacts
 from .plan import _GIB, HostMemory, MemoryPlan, ModelSizes, plan_memory
 from .precision import Precision
 
@@ -39,10 +40,15 @@ class Fit:
         return self.host_fits and (self.plan is None or self.plan.fits)
 
 
-def holds_fp8(device: torch.device) -> bool:
-    """Where fp8 storage may be chosen to save memory: CUDA (fp8 weights upcast per layer run on
-    every card torch supports). The CPU computes in fp32 and has no VRAM to save."""
-    return device.type == "cuda"
+def holds_fp8(device: torch.device, facts: DeviceFacts | None = None) -> bool:
+    """Where fp8 storage may be chosen to save memory: NVIDIA and AMD cards (fp8 weights upcast
+    per layer run on every card torch supports) that hold float8 tensors (`facts.fp8_storage`;
+    not where ComfyUI says the device cannot hold them). Not on a Mac (MPS has no float8 and its
+    memory is the host's), not on DirectML or XPU (float8 there is not known to work), not on the
+    CPU (it computes in fp32 and has no VRAM to save)."""
+    if facts is None:
+        return device.type == "cuda"
+    return facts.kind in ("cuda", "rocm") and facts.fp8_storage
 
 
 def _gib(n: int) -> str:
@@ -64,13 +70,14 @@ def candidates(precision: Precision, transformer_storable: bool = True) -> list[
 
 
 def try_precision(precision: Precision, sizes: ModelSizes, free_bytes: int, host: HostMemory | None,
-                  encoders: str = "auto") -> Fit:
+                  encoders: str = "auto", facts: DeviceFacts | None = None) -> Fit:
     """`precision`'s plan: `host` is the host before the weights are read (None: no figure, the RAM
-    is not checked); after loading, `sizes.total_bytes` of it are taken."""
+    is not checked); after loading, `sizes.total_bytes` of it are taken. `facts`: the card's
+    reserve and ComfyUI's memory flags, as `plan_memory` reads them."""
     after = None if host is None else HostMemory(host.available - sizes.total_bytes, host.total)
     host_fits = after is None or after.available >= 0
-    plan = plan_memory("auto", encoders, torch.device("cuda"), sizes, free_bytes=free_bytes, host=after) \
-        if host_fits else None
+    plan = plan_memory("auto", encoders, torch.device("cuda"), sizes, free_bytes=free_bytes, host=after,
+                       facts=facts) if host_fits else None
     return Fit(precision, plan, sizes.total_bytes, host_fits)
 
 
@@ -82,23 +89,24 @@ def _why(fit: Fit, host: HostMemory | None, free_bytes: int) -> str:
 
 def fit_precision(asked: str, device: torch.device, precision: Precision,
                   sizes_of: Callable[[Precision], ModelSizes], free_bytes: int, host: HostMemory | None,
-                  encoders: str = "auto", stored_transformer: str = "bf16") -> Fit:
+                  encoders: str = "auto", stored_transformer: str = "bf16",
+                  facts: DeviceFacts | None = None) -> Fit:
     """The precision to load in. `asked`: the precision chosen by the user ("auto" may store
     16-bit weights as fp8 to fit; anything else is honoured); `precision`: what `resolve_precision`
     gave for it; `sizes_of`: the loaded sizes at a precision, counted without reading weights;
     `free_bytes`: the device's free memory; `host`: the host's RAM before loading;
     `stored_transformer`: what the transformer file stores (a GGUF transformer has no fp8 storage
-    to fall back to)."""
-    if not holds_fp8(device):
+    to fall back to); `facts`: the device's abilities and ComfyUI's flags (`DeviceFacts`)."""
+    if not holds_fp8(device, facts):
         return Fit(precision, None)
     steps = candidates(precision, stored_transformer != "gguf")
     if len(steps) == 1:  # already fp8 wherever it can be: nothing to choose
         return Fit(precision, None)
-    first = try_precision(precision, sizes_of(precision), free_bytes, host, encoders)
+    first = try_precision(precision, sizes_of(precision), free_bytes, host, encoders, facts)
     if first.fits:
         return first
     for what, candidate in steps[1:]:
-        fit = try_precision(candidate, sizes_of(candidate), free_bytes, host, encoders)
+        fit = try_precision(candidate, sizes_of(candidate), free_bytes, host, encoders, facts)
         if not fit.fits:
             continue
         if asked == "auto":

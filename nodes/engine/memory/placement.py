@@ -17,6 +17,15 @@ from .plan import (DECODE_WORK_BYTES, ENCODE_WORK_BYTES, MEMORY_MODES, SAMPLING_
 #: the pack runs on torch 2.4, where naming that alias in an `except` clause would turn any error
 #: (a cancel included) into an AttributeError.
 OUT_OF_MEMORY = torch.cuda.OutOfMemoryError
+#: How the other backends say it: a plain RuntimeError ("MPS backend out of memory (MPS allocated:
+#: ...)", "XPU out of memory").
+_OTHER_OUT_OF_MEMORY = ("MPS backend out of memory", "XPU out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is the device running out of memory, on CUDA, ROCm, MPS or XPU."""
+    return isinstance(exc, OUT_OF_MEMORY) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OTHER_OUT_OF_MEMORY))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +88,10 @@ class Placement:
 
     def __init__(self, mode: str, device: torch.device, encoders: str = "resident",
                  pin_budget_bytes: int | None = None,
-                 before_use: Callable[["Placement", list[nn.Module]], None] | None = None):
+                 before_use: Callable[["Placement", list[nn.Module]], None] | None = None,
+                 unified: bool = False):
+        """`unified`: the device shares the host's RAM (a Mac): a model sent to the device keeps no
+        host copy (it would be a second copy in the same RAM)."""
         if mode not in MEMORY_MODES[1:]:
             raise InputError(f"memory: '{mode}' must be resolved to one of {', '.join(MEMORY_MODES[1:])}.")
         self.mode = mode
@@ -97,6 +109,9 @@ class Placement:
         self._host: dict[int, list] = {}           # model_offload: host copies of the tensors
         self._onloaded: nn.Module | None = None    # model_offload: the one model on the device
         self._work: dict[int, int] = {}            # id -> working memory of its job (`work_bytes`)
+        self.unified = unified
+        #: Modules that always run on the host (ComfyUI's text encoder device or --cpu-vae).
+        self._on_host: set[int] = set()
 
     @property
     def moves(self) -> bool:
@@ -110,10 +125,12 @@ class Placement:
     # -- setup -----------------------------------------------------------------------------
 
     def setup(self, transformer: nn.Module, others: list[nn.Module],
-              encoders: list[nn.Module] | None = None) -> None:
+              encoders: list[nn.Module] | None = None, on_host: list[nn.Module] | None = None) -> None:
         """Install the mode. `encoders` (a subset of `others`) are streamed unless this is "gpu"
-        mode with resident encoders."""
-        others = [m for m in others if m is not None]
+        mode with resident encoders. `on_host` (a subset of `others`) stay on the CPU and run there."""
+        self._on_host = {id(m) for m in (on_host or []) if m is not None}
+        others = [m for m in others if m is not None and id(m) not in self._on_host]
+        encoders = [m for m in (encoders or []) if m is not None and id(m) not in self._on_host]
         # The working memory of each module's job; the rest of `others` is the VAE (decode).
         self._work = {id(m): ENCODE_WORK_BYTES for m in (encoders or []) if m is not None}
         self._work[id(transformer)] = SAMPLING_WORK_BYTES
@@ -162,6 +179,8 @@ class Placement:
     def _keep_host_copy(self, module: nn.Module) -> None:
         """Pinned host copies of a module's tensors: onloading is one fast copy each way in, and
         offloading only points the tensors back at them (inference never writes weights)."""
+        if self.unified:
+            return   # moved whole (`_onload_tensors`): one pool, no second copy
         tensors = []
         pin = self.device.type == "cuda" and self._take_pin_budget(pinned_bytes(module))
         for t in [*module.parameters(), *module.buffers()]:
@@ -229,7 +248,7 @@ class Placement:
         """Run `module` on the device. Streamed modules move themselves; in "gpu" mode a module
         that was released is put back and stays; in "model_offload" every other model leaves the
         device first, and `module` stays there after the run when `keep`, else leaves at once."""
-        if not self.moves or self.is_streamed(module):
+        if not self.moves or self.is_streamed(module) or id(module) in self._on_host:
             yield module
             return
         if self.mode == "model_offload":
@@ -259,6 +278,9 @@ class Placement:
         self._empty_cache()
 
     def _onload_tensors(self, module: nn.Module) -> None:
+        if self.unified:
+            module.to(self.device)
+            return
         if id(module) not in self._host:
             self._keep_host_copy(module)
         for t, data in self._host[id(module)]:
@@ -295,7 +317,8 @@ class Placement:
         if not self.moves or self.mode == "model_offload":
             return
         back = [m for m in [transformer, *others]
-                if m is not None and not self.is_streamed(m) and not self.on_device(m) and
+                if m is not None and not self.is_streamed(m) and id(m) not in self._on_host and
+                not self.on_device(m) and
                 (not self._resident or any(m is r for r in self._resident))]
         self._announce(back)
         for m in back:
@@ -304,6 +327,8 @@ class Placement:
     def _empty_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
 
     def describe(self) -> str:
         return f"memory={self.mode}, encoders={'offload' if self.mode != 'gpu' else self.encoders}"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .device_facts import DeviceFacts
 
 MEMORY_MODES = ("auto", "gpu", "model_offload", "group_offload")
 #: Where the encoders (T5, CLIP-L, SigLIP + projector) live in "gpu" mode. The offload modes always
@@ -238,7 +239,8 @@ def host_use(mode: str, encoders: str, sizes: ModelSizes, budget: int | None,
 
 
 def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSizes,
-                free_bytes: int | None = None, host: HostMemory | None = None) -> MemoryPlan:
+                free_bytes: int | None = None, host: HostMemory | None = None,
+                facts: DeviceFacts | None = None) -> MemoryPlan:
     """The placement to use. "auto" picks the fastest that fits `free_bytes` (the device's free
     memory when None), `device_peak` of each:
 
@@ -257,19 +259,51 @@ def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSize
     it, host copies stay pageable (pinned per transfer: slower, no extra RAM). When the
     transformer is not already fp8 or GGUF and does not fit resident, the reason says what an fp8
     or GGUF transformer would need.
+
+    `facts` (`DeviceFacts`, inside ComfyUI from its flags): `reserve_bytes` is kept free;
+    `vram_state` "no" streams the transformer (group offload), "low" never keeps the transformer
+    beside the VAE (model offload or lighter), "high" keeps the models on the device; with pinning
+    off nothing is page-locked. On unified memory (a Mac) the device and the host are one pool of
+    `plan_free_bytes`: moving a model to the device takes no more RAM and offloading frees none, so
+    "auto" keeps everything on the device, and the plan does not fit when the pool is too small.
+    Where the device has no free figure (DirectML) the plan cannot check and says so. fp8 is only
+    suggested where the device can hold float8 tensors.
     """
     if mode not in MEMORY_MODES:
         raise InputError(f"memory: '{mode}' is not one of {', '.join(MEMORY_MODES)}.")
     if encoders not in ENCODER_PLACEMENTS:
         raise InputError(f"encoders: '{encoders}' is not one of {', '.join(ENCODER_PLACEMENTS)}.")
-    on_gpu = device.type == "cuda" or free_bytes is not None
+    on_gpu = device.type != "cpu" or free_bytes is not None
     gib = lambda n: f"{n / _GIB:.1f} GiB"  # noqa: E731
-    free = free_bytes if free_bytes is not None else free_memory(device)
-    pins = pin_budget(host if host is not None else host_memory()) if on_gpu else None
+    unified = facts is not None and facts.unified
+    note = ""
+    if facts is not None:
+        if unified or free_bytes is None:
+            known = facts.plan_free_bytes()
+        else:
+            known = max(0, free_bytes - facts.reserve_bytes)
+        if known is None and on_gpu:
+            note = f"; {facts.kind} reports no free memory: the plan cannot check that it fits"
+        free = known if known is not None else 1 << 62
+    else:
+        free = free_bytes if free_bytes is not None else free_memory(device)
+    pins = pin_budget(host if host is not None else host_memory()) if on_gpu and not unified else None
+    if facts is not None and pins is not None:
+        if not facts.pin_allowed:
+            pins = 0
+        elif facts.pin_cap_bytes is not None:
+            pins = min(pins, facts.pin_cap_bytes)
+    if facts is not None and facts.note and not note:
+        note = f"; {facts.note}"
+    fp8_ok = facts is None or facts.fp8_storage
 
     def smaller_weights_hint() -> str:
         if not on_gpu or sizes.quantized or device_peak("gpu", "offload", sizes) <= free:
             return ""
+        if not fp8_ok:
+            t = sizes.transformer
+            return (f"; {facts.kind} cannot hold fp8 weights: a Q8_0 / Q5 / Q4 GGUF transformer is about "
+                    f"{gib(t.weights * 0.52)} / {gib(t.weights * 0.35)} / {gib(t.weights * 0.29)}")
         # fp8 storage keeps the embedders and norms in 16 bits: a little over half of bf16.
         t = sizes.transformer
         half = ModuleSize(int(t.weights * 0.52), int(t.pinned * 0.52), int(t.streamed * 0.52))
@@ -285,8 +319,9 @@ def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSize
                 f"{gib(t.weights * 0.29)}")
 
     def planned(chosen: str, placed: str, reason: str, fits: bool = True) -> MemoryPlan:
-        host_bytes, pinned = host_use(chosen, placed, sizes, pins, pin=device.type == "cuda") if on_gpu \
-            else (sizes.total_bytes, 0)   # nothing leaves the host
+        reason += note
+        host_bytes, pinned = host_use(chosen, placed, sizes, pins, pin=device.type == "cuda") \
+            if on_gpu and not unified else (sizes.total_bytes, 0)   # nothing leaves the host (one pool)
         if chosen != "gpu" and pins is not None:
             reason += f"; at most {gib(pins)} of host RAM page-locked"
         return MemoryPlan(chosen, placed, reason + smaller_weights_hint(), pins,
@@ -305,6 +340,18 @@ def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSize
         return planned("gpu", "resident" if encoders == "auto" else encoders, f"{device.type}: nothing to offload")
     candidates = [("gpu", "resident"), ("gpu", "offload"), ("model_offload", "offload"),
                   ("group_offload", "offload")]
+    if unified:
+        needed = device_peak("gpu", "resident", sizes)
+        return planned("gpu", "resident",
+                       f"unified memory: host and device are one pool, {gib(needed)} needed of {gib(free)}",
+                       fits=needed <= free)
+    state = facts.vram_state if facts is not None else "normal"
+    if state == "no":
+        candidates = candidates[3:]
+    elif state == "low":
+        candidates = candidates[2:]
+    elif state == "high":
+        candidates = candidates[:2]
     if encoders == "offload":
         candidates.remove(("gpu", "resident"))
     if encoders == "resident":
@@ -316,7 +363,12 @@ def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSize
                     "transformer + VAE fit; encoders streamed", ("model_offload", "offload"):
                     "transformer and VAE fit one at a time", ("group_offload", "offload"):
                     "transformer streamed block by block"}[(chosen, placed)]
-            return planned(chosen, placed, f"{what}: {gib(needed)} of {gib(free)} free")
+            told = f" (vram state '{state}')" if state in ("no", "low", "high") else ""
+            return planned(chosen, placed, f"{what}{told}: {gib(needed)} of {gib(free)} free")
+    if state == "high":
+        needed = device_peak("gpu", "offload", sizes)
+        return planned("gpu", "offload", f"vram state 'high' keeps the models on the device: {gib(needed)} needed, "
+                       f"{gib(free)} free", fits=False)
     needed = device_peak("group_offload", "offload", sizes)
     return planned("group_offload", "offload",
                    f"does not fit: even group offload needs {gib(needed)}, {gib(free)} free", fits=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from .device_facts import DeviceFacts, mac_bf16, mac_version, rocm_native_bf16
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")
 #: What a weight file stores (`FileStorage`), read from its header before loading.
@@ -37,8 +38,16 @@ class Precision:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or for None / "auto" the first of CUDA (ROCm included), Apple's MPS, Intel's XPU
+    that this torch has, else the CPU."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+            return torch.device("xpu")
+        return torch.device("cpu")
     return torch.device(device)
 
 
@@ -48,46 +57,95 @@ def native_bf16(device: torch.device) -> bool:
     slower than their fp16, and it asks about the current device, not the chosen one."""
     if device.type == "cpu":
         return True
+    if device.type == "mps":
+        return mac_bf16(mac_version())
+    if device.type == "xpu":
+        return bool(torch.xpu.is_bf16_supported())
     if device.type != "cuda":
         return False
     if torch.version.hip:
-        return True  # every ROCm architecture torch supports has bf16
+        return rocm_native_bf16(torch.cuda.get_device_properties(device).gcnArchName)
     major, _minor = torch.cuda.get_device_capability(device)
     return major >= 8
 
 
+_FORCED = {torch.float8_e4m3fn: "fp8_e4m3fn", torch.bfloat16: "bf16", torch.float16: "fp16",
+           torch.float32: "fp32"}
+
+
 def resolve_precision(precision: str, device: torch.device, stored: FileStorage | None = None,
-                      native: bool | None = None) -> Precision:
+                      native: bool | None = None, facts: DeviceFacts | None = None) -> Precision:
     """The dtypes for `precision` on `device`. "auto": fp32 on the CPU; on a GPU an fp8 or scaled
     fp8 file keeps fp8 storage (transformer and T5) and 16-bit files stay 16-bit, computing in bf16
     where the card has it natively, else in fp16. T5 never computes in fp16 (its activations
     overflow there): on fp16 cards it computes in fp32 from weights stored as the file has them.
     `native`: whether the card runs bf16 natively, for a card that is only simulated (the plan
-    table); None asks `device`."""
+    table); None asks `device`.
+
+    `facts` (`DeviceFacts`): the device's abilities and what the user forced (inside ComfyUI its
+    flags). Under "auto" a forced transformer dtype (`--bf16-unet`, `--fp8_e4m3fn-unet`,
+    `--force-fp32` ...) wins over the file's; a forced text or VAE dtype replaces ours. Where the
+    device cannot hold float8 tensors (MPS, DirectML) an fp8 file is upcast as it loads, and an
+    explicit 'fp8_e4m3fn' is refused."""
     if precision not in PRECISIONS:
         raise InputError(f"precision: '{precision}' is not one of {', '.join(PRECISIONS)}.")
     stored = stored or FileStorage()
+    if facts is not None and native is None:
+        native = facts.native_bf16
+    fp8_ok = facts is None or facts.fp8_storage
+    if precision == "fp8_e4m3fn" and not fp8_ok:
+        raise InputError(f"precision: 'fp8_e4m3fn' stores weights as float8, which PyTorch cannot hold on "
+                         f"{facts.kind} ({facts.device}); choose precision 'auto' (an fp8 file is then upcast to "
+                         f"16 bits as it loads) or 'bf16' / 'fp16', or a GGUF transformer to save memory.")
+    forced = precision == "auto" and facts is not None and facts.unet_dtype in _FORCED
+    if forced:
+        precision = _FORCED[facts.unet_dtype]
+        if precision == "fp8_e4m3fn" and not fp8_ok:
+            precision = "auto"
     asked = precision
     bf16_ok = native_bf16(device) if native is None else native
     if precision == "auto":
         if device.type == "cpu":
             precision = "fp32"
-        elif stored.transformer in FP8_KINDS:
+        elif stored.transformer in FP8_KINDS and fp8_ok:
             precision = "fp8_e4m3fn"
         else:
             precision = "bf16" if bf16_ok else "fp16"
     elif precision == "bf16" and not bf16_ok and device.type == "cuda":
         # Named explicitly: emulated bf16 is slow but it is what was asked for, where it runs at all.
         bf16_ok = torch.cuda.is_bf16_supported(including_emulation=True)
+    elif precision == "bf16" and not bf16_ok and (device.type == "cpu" or (forced and device.type != "mps")):
+        # The CPU runs bf16 (slowly: ComfyUI's should_use_bf16 says no there), and --bf16-unet is an order;
+        # MPS before macOS 14 cannot, whatever is asked.
+        bf16_ok = True
     if precision == "fp32":
-        return Precision(torch.float32, False, torch.float32, torch.float32, torch.float32)
+        return _forced(Precision(torch.float32, False, torch.float32, torch.float32, torch.float32), facts)
     # fp8 storage computes in fp16 where bf16 is only emulated (upcasting fp8 to fp16 is exact too).
     compute = torch.bfloat16 if bf16_ok and precision != "fp16" else torch.float16
     text = torch.bfloat16 if compute == torch.bfloat16 else torch.float32
-    if stored.t5 in FP8_KINDS and asked in ("auto", "fp8_e4m3fn"):
+    if stored.t5 in FP8_KINDS and asked in ("auto", "fp8_e4m3fn") and fp8_ok:
         t5_storage = torch.float8_e4m3fn
     elif text == torch.float32:
         t5_storage = _SIXTEEN_BIT.get(stored.t5)
     else:
         t5_storage = None
-    return Precision(compute, precision == "fp8_e4m3fn", text, torch.float32, torch.float32, t5_storage)
+    return _forced(Precision(compute, precision == "fp8_e4m3fn", text, torch.float32, torch.float32, t5_storage),
+                   facts)
+
+
+def _forced(chosen: Precision, facts: DeviceFacts | None) -> Precision:
+    """`chosen` with the text encoders' and the VAE's dtypes the user (or the device's host) forced."""
+    if facts is None:
+        return chosen
+    text, vae = chosen.text, chosen.vae
+    t5_storage = chosen.t5_storage
+    if facts.text_dtype is not None:
+        if facts.text_dtype == torch.float8_e4m3fn:
+            if facts.fp8_storage:
+                t5_storage = torch.float8_e4m3fn
+        else:
+            text = facts.text_dtype
+            t5_storage = None if t5_storage != torch.float8_e4m3fn or not facts.fp8_storage else t5_storage
+    if facts.vae_dtype is not None:
+        vae = facts.vae_dtype
+    return Precision(chosen.compute, chosen.fp8_storage, text, chosen.vision, vae, t5_storage)
