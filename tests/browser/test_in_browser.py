@@ -181,8 +181,10 @@ def test_bad_width_in_an_opened_workflow_shows_one_message_naming_width(comfy, p
     page.wait_for_function("""() => window.app.graph._nodes.find(n => n.type === 'USOGenerate')
                                    ?.widgets.find(w => w.name === 'width').value === 1000""", timeout=30_000)
     press_run(page)
-    dialog = page.get_by_role("dialog").filter(has_text="Prompt outputs failed validation")
-    dialog.wait_for(state="visible", timeout=30_000)
+    # ComfyUI checks the ranges before queueing; the multiple of 16 is checked when USO Generate
+    # runs (generate_node.py says why), so the frontend shows the run's error dialog.
+    dialog = page.get_by_role("dialog").filter(has_text="multiple of 16")
+    dialog.wait_for(state="visible", timeout=60_000)
     lines = [line for line in dialog.inner_text().splitlines() if "1000" in line]
     assert len(lines) == 1, lines
     assert re.search(r"\bwidth\b", lines[0]) and "multiple of 16" in lines[0], lines[0]
