@@ -75,14 +75,18 @@ def test_the_cpu_keeps_fp32_and_reads_no_size():
     assert chosen.note == "" and chosen.plan is None
 
 
+def _toy_sizes(p):
+    """Sizes where only both in fp8 fit a 16 GB host with 9 GiB available: a 10 GiB bf16
+    transformer (5 in fp8) and a 6 GiB T5 (3 in fp8)."""
+    t = memory.ModuleSize(*(3 * [5 * GIB if p.fp8_storage else 10 * GIB]))
+    t5 = memory.ModuleSize(*(3 * [3 * GIB if p.t5_storage == torch.float8_e4m3fn else 6 * GIB]))
+    return memory.ModelSizes(t, memory.ModuleSize(0, 0, 0), (t5,), p.fp8_storage)
+
+
 def test_t5_follows_when_the_transformer_alone_is_not_enough():
     # Sizes chosen so that only both in fp8 fit: 10 (bf16 transformer) + 6 (T5) GiB.
-    def sizes_of(p):
-        t = memory.ModuleSize(*(3 * [5 * GIB if p.fp8_storage else 10 * GIB]))
-        t5 = memory.ModuleSize(*(3 * [3 * GIB if p.t5_storage == torch.float8_e4m3fn else 6 * GIB]))
-        return memory.ModelSizes(t, memory.ModuleSize(0, 0, 0), (t5,), p.fp8_storage)
     precision = memory.resolve_precision("auto", CUDA, SPLIT.stored, native=True)
-    chosen = fit.fit_precision("auto", CUDA, precision, sizes_of, 40 * GIB, memory.HostMemory(9 * GIB, 16 * GIB))
+    chosen = fit.fit_precision("auto", CUDA, precision, _toy_sizes, 40 * GIB, memory.HostMemory(9 * GIB, 16 * GIB))
     assert chosen.stored_fp8 == "transformer and T5" and chosen.precision.t5_storage == torch.float8_e4m3fn
     assert chosen.host_bytes == 8 * GIB
 
@@ -142,16 +146,12 @@ def test_tiny_files_stored_as_fp8_to_fit_load_and_sample_within_the_fp8_toleranc
 
 def test_on_an_fp16_card_the_fallback_computes_in_fp16_and_t5_in_fp32():
     # T4-class card (bf16 only emulated): the same decision, with the card's compute dtypes.
-    def sizes_of(p):
-        t = memory.ModuleSize(*(3 * [5 * GIB if p.fp8_storage else 10 * GIB]))
-        t5 = memory.ModuleSize(*(3 * [3 * GIB if p.t5_storage == torch.float8_e4m3fn else 6 * GIB]))
-        return memory.ModelSizes(t, memory.ModuleSize(0, 0, 0), (t5,), p.fp8_storage)
     precision = memory.resolve_precision("auto", CUDA, SPLIT.stored, native=False)
     assert precision.t5_storage == torch.float16 and precision.text == torch.float32
-    one = fit.fit_precision("auto", CUDA, precision, sizes_of, 40 * GIB, memory.HostMemory(12 * GIB, 16 * GIB))
+    one = fit.fit_precision("auto", CUDA, precision, _toy_sizes, 40 * GIB, memory.HostMemory(12 * GIB, 16 * GIB))
     assert one.stored_fp8 == "transformer" and one.precision.compute == torch.float16
     assert one.precision.t5_storage == torch.float16
-    both = fit.fit_precision("auto", CUDA, precision, sizes_of, 40 * GIB, memory.HostMemory(9 * GIB, 16 * GIB))
+    both = fit.fit_precision("auto", CUDA, precision, _toy_sizes, 40 * GIB, memory.HostMemory(9 * GIB, 16 * GIB))
     assert both.stored_fp8 == "transformer and T5" and both.precision.text == torch.float32
     assert both.precision.t5_storage == torch.float8_e4m3fn
 

@@ -304,6 +304,19 @@ TINY_OVERRIDES = {
 }
 
 
+def run_probe(script: str, config: dict, work: Path, comfy_venv: Path, env: dict) -> dict:
+    """Run tests/real_comfyui/<script> in ComfyUI's Python with `config` (written to work/config.json)
+    and return the JSON it prints on its `PROBE ` line."""
+    path = work / "config.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.run([str(venv_python(comfy_venv)), str(PACK_ROOT / "tests" / "real_comfyui" / script),
+                           str(path)], capture_output=True, text=True, cwd=work, timeout=600,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("PROBE "))
+    return json.loads(line[len("PROBE "):])
+
+
 def load_workflow(path: Path) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -50,6 +50,15 @@ def in_process_schemas(comfy):
 
 # -- schemas and model lists ----------------------------------------------------------------------
 
+def refused(comfy, prompt, node, label):
+    """The errors POST /prompt gives for `node` when it refuses `prompt` (printed under `label`)."""
+    with pytest.raises(rc.PromptRejected) as rejected:
+        comfy.queue(prompt)
+    errors = rejected.value.body["node_errors"][node]["errors"]
+    print(f"{label} {[(e['extra_info'].get('input_name'), e['details']) for e in errors]}")
+    return errors
+
+
 def test_every_node_is_listed_with_its_schema(object_info, in_process_schemas):
     ours = {k for k, v in object_info.items() if v["python_module"] == PACK_MODULE}
     assert ours == set(NODE_CLASS_MAPPINGS)
@@ -130,10 +139,7 @@ def test_workflows_saved_with_the_older_prefixed_transformer_label_still_run(com
     assert run.status == "success", run.describe()
     # A prefixed name of a file that is not there: refused before the run, once, under transformer.
     prompt[loader]["inputs"]["transformer"] = "checkpoints/nothing.safetensors"
-    with pytest.raises(rc.PromptRejected) as rejected:
-        comfy.queue(prompt)
-    errors = rejected.value.body["node_errors"][loader]["errors"]
-    print(f"\n[old label, missing file] {[(e['extra_info'].get('input_name'), e['details']) for e in errors]}")
+    errors = refused(comfy, prompt, loader, "\n[old label, missing file]")
     assert [e["extra_info"]["input_name"] for e in errors] == ["transformer"], errors
     assert "transformer: 'checkpoints/nothing.safetensors' is not a file" in errors[0]["details"]
 
@@ -370,9 +376,6 @@ def test_a_bad_value_is_reported_once_under_its_input(comfy):
     prompt = rc.tiny_prompt(rc.load_workflow(rc.WORKFLOWS / "api" / "uso_subject.json"))
     subject = rc.node_id(prompt, "USOEncodeSubject")
     prompt[subject]["inputs"]["long_side"] = 500
-    with pytest.raises(rc.PromptRejected) as rejected:
-        comfy.queue(prompt)
-    errors = rejected.value.body["node_errors"][subject]["errors"]
-    print(f"[long_side 500] {[(e['extra_info'].get('input_name'), e['details']) for e in errors]}")
+    errors = refused(comfy, prompt, subject, "[long_side 500]")
     assert [e["extra_info"]["input_name"] for e in errors] == ["long_side"], errors
     assert "long_side: 500 is not a multiple of 16" in errors[0]["details"]

@@ -9,10 +9,6 @@ test_5_memory_records.py's docstring.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
 import pytest
 
 import real_comfyui as rc
@@ -24,18 +20,11 @@ OURS = {"USOFluxTransformer2DModel", "USOAutoencoderKL", "USOT5EncoderModel", "U
 @pytest.fixture(scope="module")
 def seen(comfy_stage, comfy_venv, tmp_path_factory):
     work = tmp_path_factory.mktemp("bridge_probe")
-    config = work / "config.json"
-    config.write_text(json.dumps({
+    return rc.run_probe("bridge_probe.py", {
         "comfyui": str(comfy_stage.comfy_dir), "pack": str(rc.PACK_ROOT),
         "models": str(comfy_stage.tiny_models.models_dir),
-        "tokenizers": str(comfy_stage.tiny_models.paths["tokenizer_t5"].parent), "work": str(work)}))
-    proc = subprocess.run([str(rc.venv_python(comfy_venv)), str(rc.PACK_ROOT / "tests" / "real_comfyui" /
-                                                                "bridge_probe.py"), str(config)],
-                          capture_output=True, text=True, cwd=work, timeout=600,
-                          env={**os.environ, **comfy_stage.server_env})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("PROBE "))
-    return json.loads(line[len("PROBE "):])
+        "tokenizers": str(comfy_stage.tiny_models.paths["tokenizer_t5"].parent), "work": str(work)},
+        work, comfy_venv, comfy_stage.server_env)
 
 
 def ours(rows):

@@ -3,10 +3,6 @@ modules parse a command line with several flags (device_flags_probe.py, one proc
 the pack's `bridge.device_facts` and the engine's precision must show them. CPU only (--cpu)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
 import pytest
 
 import real_comfyui as rc
@@ -16,16 +12,9 @@ GIB = 1024 ** 3
 
 def probe(comfy_stage, comfy_venv, tmp_path_factory, flags):
     work = tmp_path_factory.mktemp("device_flags")
-    config = work / "config.json"
-    config.write_text(json.dumps({"comfyui": str(comfy_stage.comfy_dir), "pack": str(rc.PACK_ROOT),
-                                  "work": str(work), "flags": flags}))
-    proc = subprocess.run([str(rc.venv_python(comfy_venv)), str(rc.PACK_ROOT / "tests" / "real_comfyui" /
-                                                                "device_flags_probe.py"), str(config)],
-                          capture_output=True, text=True, cwd=work, timeout=600,
-                          env={**os.environ, **comfy_stage.server_env})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("PROBE "))
-    return json.loads(line[len("PROBE "):])
+    return rc.run_probe("device_flags_probe.py", {"comfyui": str(comfy_stage.comfy_dir), "pack": str(rc.PACK_ROOT),
+                                                  "work": str(work), "flags": flags},
+                        work, comfy_venv, comfy_stage.server_env)
 
 
 def test_force_fp16_cpu_vae_reserve_and_no_pinning(comfy_stage, comfy_venv, tmp_path_factory):
