@@ -39,6 +39,12 @@ class GGUFSource(WeightSource):
             return data
         return GGUFParameter(data, quant_type=t.tensor_type)
 
+    def close(self) -> None:
+        # The reader memory-maps the file; each tensor above is a copy, so the map can go now
+        # (Windows refuses to overwrite, rename or delete a mapped file).
+        self._tensors.clear()
+        self._reader = None
+
 
 def _refuse_unsupported_quant_types(name: str, reader) -> None:
     """diffusers dequantizes only some GGUF types; any other would fail at the first step that
