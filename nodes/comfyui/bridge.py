@@ -232,7 +232,8 @@ def device_facts():
     - the memory: `get_free_memory` / `get_total_memory` (DirectML: ComfyUI's fixed 1 GiB is not
       a measurement, so no figure), `vram_state` (--lowvram, --novram, --highvram, --gpu-only),
       `extra_reserved_memory` (--reserve-vram, else ComfyUI's default reserve), pinning only when
-      ComfyUI pins (not --disable-pinned-memory; NVIDIA and AMD) within its cap, --disable-mmap.
+      ComfyUI pins (not --disable-pinned-memory; NVIDIA and AMD) within its cap.
+    --disable-mmap needs nothing: the loaders always copy each tensor out of the file's map.
     """
     if _mm is None:
         return None
@@ -279,7 +280,7 @@ def device_facts():
         reserve_bytes=int(_mm.extra_reserved_memory()),
         pin_allowed=not a.disable_pinned_memory and cap > 0,
         pin_cap_bytes=max(0, int(cap - getattr(_mm, "TOTAL_PINNED_MEMORY", 0))) if cap > 0 else None,
-        mmap=not a.disable_mmap, note=note)
+        note=note)
 
 
 def device_hooks():

@@ -109,7 +109,7 @@ def test_no_flags_on_an_nvidia_card(facts):
     f = facts()
     assert (f.kind, f.native_bf16, f.fp8_storage, f.vram_state) == ("cuda", True, True, "normal")
     assert f.unet_dtype is None and f.text_device is None and f.vae_device is None
-    assert f.reserve_bytes == int(0.4 * GIB) and f.pin_allowed and f.pin_cap_bytes == 58 * GIB and f.mmap
+    assert f.reserve_bytes == int(0.4 * GIB) and f.pin_allowed and f.pin_cap_bytes == 58 * GIB
     assert auto(f).compute == torch.bfloat16
 
 
@@ -131,9 +131,9 @@ def test_vram_flags(facts, flag, state, text_device):
     assert f.vram_state == state and f.text_device == text_device
 
 
-def test_reserve_pinning_and_mmap_flags(facts):
-    f = facts(reserve_vram=3, disable_pinned_memory=True, disable_mmap=True)
-    assert f.reserve_bytes == 3 * GIB and not f.pin_allowed and not f.mmap
+def test_reserve_and_pinning_flags(facts):
+    f = facts(reserve_vram=3, disable_pinned_memory=True)
+    assert f.reserve_bytes == 3 * GIB and not f.pin_allowed
 
 
 def test_a_mac_in_comfyui(facts):

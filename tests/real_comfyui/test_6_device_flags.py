@@ -24,7 +24,7 @@ def test_force_fp16_cpu_vae_reserve_and_no_pinning(comfy_stage, comfy_venv, tmp_
     assert seen["kind"] == "cpu" and seen["unet_dtype"] == "torch.float16"
     assert seen["auto"] == {"compute": "torch.float16", "text": "torch.float16", "vae": "torch.float32"}
     assert seen["vae_device"] == "cpu" and seen["reserve_bytes"] == GIB
-    assert not seen["pin_allowed"] and not seen["mmap"] and seen["pipeline_facts_are_comfyuis"]
+    assert not seen["pin_allowed"] and seen["pipeline_facts_are_comfyuis"]
 
 
 @pytest.mark.parametrize("flags, unet, compute", [(["--force-fp32"], "torch.float32", "torch.float32"),

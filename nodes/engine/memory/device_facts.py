@@ -82,7 +82,6 @@ class DeviceFacts:
     pin_allowed: bool = True                # --disable-pinned-memory turns it off
     #: At most this much page-locked (ComfyUI's own cap, less what it pinned); not compared, like free_bytes.
     pin_cap_bytes: int | None = field(default=None, compare=False)
-    mmap: bool = True                       # --disable-mmap turns it off
     #: Where the free figure came from, said in the plan's reason when it is not the device's own.
     note: str = ""
 
