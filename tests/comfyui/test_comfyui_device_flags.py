@@ -28,7 +28,7 @@ class VRAMState(enum.Enum):
 FLAGS = ("force_fp32", "force_fp16", "fp16_unet", "bf16_unet", "fp32_unet", "fp8_e4m3fn_unet",
          "fp8_e4m3fn_text_enc", "fp16_text_enc", "bf16_text_enc", "fp32_text_enc", "fp16_vae", "bf16_vae",
          "fp32_vae", "cpu_vae", "lowvram", "novram", "highvram", "gpu_only", "disable_pinned_memory",
-         "disable_mmap")
+         "disable_mmap", "force_upcast_attention")
 
 
 def comfy(device="cuda", amd=False, directml=False, mac=(14, 5), reserve_vram=None, **flags):
@@ -82,6 +82,8 @@ def comfy(device="cuda", amd=False, directml=False, mac=(14, 5), reserve_vram=No
     mm.text_encoder_device = text_encoder_device
     mm.text_encoder_dtype = lambda d=None: torch.float16
     mm.vae_device = lambda: torch.device("cpu") if args.cpu_vae else dev
+    mm.force_upcast_attention_dtype = lambda: {torch.float16: torch.float32} if (
+        args.force_upcast_attention or (dev.type == "mps" and mac >= (14, 5))) else None
     mm.extra_reserved_memory = lambda: int((reserve_vram if reserve_vram is not None else 0.4) * GIB)
     return mm, args
 
@@ -143,6 +145,14 @@ def test_a_mac_in_comfyui(facts):
     assert (p.compute, p.text, p.fp8_storage) == (torch.bfloat16, torch.float16, False)
     assert auto(facts(device="mps", mac=(13, 6))).compute == torch.float16
     assert f.plan_free_bytes() == 64 * GIB - memory.device_facts.UNIFIED_SYSTEM_BYTES - f.reserve_bytes
+
+
+def test_where_comfyui_upcasts_fp16_attention_a_forced_fp16_computes_in_bf16(facts):
+    # macOS 14.5+ (ComfyUI's black-image rule) or --force-upcast-attention, with bf16 available.
+    for f in (facts(device="mps", mac=(14, 5), force_fp16=True), facts(force_upcast_attention=True, force_fp16=True)):
+        assert f.fp16_attention_fails and auto(f).compute == torch.bfloat16
+    f = facts(device="mps", mac=(14, 4), force_fp16=True)
+    assert not f.fp16_attention_fails and auto(f).compute == torch.float16
 
 
 def test_amd_and_directml(facts):

@@ -4,13 +4,15 @@ the position embedding and the noise are computed, and the out-of-memory guard. 
 imitated by its `DeviceFacts` (what ComfyUI's model_management, or torch, says about it)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import random_pipelines
 import pytest
 import torch
 
 from nodes.engine import EngineOptions, USOPipeline, memory, memory_table, positions, sampler
 from nodes.engine.errors import InputError, OutOfMemoryError
-from nodes.engine.memory import DeviceFacts
+from nodes.engine.memory import DeviceFacts, device_facts
 from nodes.engine.memory.device_facts import UNIFIED_SYSTEM_BYTES, mac_bf16, rocm_native_bf16
 from nodes.engine.memory.placement import Placement, is_out_of_memory
 from nodes.engine.memory.precision import FileStorage
@@ -76,6 +78,24 @@ def test_mac_auto_is_bf16_on_macos_14_fp16_before_with_t5_in_fp16_on_the_cpu():
 def test_mac_explicit_bf16_is_honoured_where_macos_has_it():
     assert memory.resolve_precision("bf16", MPS, facts=mac(32)).compute == torch.bfloat16
     assert memory.resolve_precision("bf16", MPS, facts=mac(32, macos14=False)).compute == torch.float16
+
+
+def test_mac_fp16_attention_black_from_macos_14_5_forced_fp16_computes_in_bf16_named_fp16_refused():
+    late = DeviceFacts.of_kind("mps", total_bytes=64 * GIB, native_bf16=True, fp16_attention_fails=True)
+    early = DeviceFacts.of_kind("mps", total_bytes=64 * GIB, native_bf16=True)   # macOS 14.0-14.4
+    forced = memory.resolve_precision("auto", MPS, BF16_FILES.stored, facts=replace(late, unet_dtype=torch.float16))
+    assert forced.compute == torch.bfloat16
+    with pytest.raises(InputError) as err:
+        memory.resolve_precision("fp16", MPS, facts=late)
+    assert str(err.value).startswith("precision: 'fp16' attention gives black images") and "'bf16'" in str(err.value)
+    assert memory.resolve_precision("fp16", MPS, facts=early).compute == torch.float16
+
+
+@pytest.mark.parametrize("version, fails", [((14, 4, 1), False), ((14, 5), True), ((15, 1), True), ((13, 6), False)])
+def test_probing_a_mac_reads_the_fp16_attention_rule_from_its_macos(monkeypatch, version, fails):
+    monkeypatch.setattr(device_facts, "mac_version", lambda: version)
+    facts = DeviceFacts.probe("mps")
+    assert facts.fp16_attention_fails is fails and facts.native_bf16 is (version >= (14,))
 
 
 def test_fp8_is_refused_on_mps_and_directml_naming_precision_and_what_to_choose():

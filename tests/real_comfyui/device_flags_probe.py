@@ -43,6 +43,7 @@ pipe = engine.USOPipeline(models, engine.EngineOptions(device=bridge.torch_devic
 seen = {"kind": facts.kind, "unet_dtype": str(facts.unet_dtype), "text_dtype": str(facts.text_dtype),
         "vae_dtype": str(facts.vae_dtype), "vae_device": facts.vae_device, "text_device": facts.text_device,
         "vram_state": facts.vram_state, "reserve_bytes": facts.reserve_bytes, "pin_allowed": facts.pin_allowed,
+        "fp16_attention_fails": facts.fp16_attention_fails,
         "auto": {"compute": str(precision.compute), "text": str(precision.text), "vae": str(precision.vae)},
         "pipeline_facts_are_comfyuis": pipe.facts == facts, "plan": pipe.memory_plan.summary()}
 print("PROBE " + json.dumps(seen))

@@ -29,8 +29,10 @@ def test_force_fp16_cpu_vae_reserve_and_no_pinning(comfy_stage, comfy_venv, tmp_
 
 @pytest.mark.parametrize("flags, unet, compute", [(["--force-fp32"], "torch.float32", "torch.float32"),
                                                   (["--bf16-unet"], "torch.bfloat16", "torch.bfloat16"),
+                                                  (["--force-upcast-attention"], "None", "torch.float32"),
                                                   ([], "None", "torch.float32")])
 def test_transformer_dtype_flags(comfy_stage, comfy_venv, tmp_path_factory, flags, unet, compute):
     seen = probe(comfy_stage, comfy_venv, tmp_path_factory, flags)
     assert seen["unet_dtype"] == unet and seen["auto"]["compute"] == compute
     assert seen["vram_state"] == "disabled" and seen["text_device"] == "cpu"
+    assert seen["fp16_attention_fails"] is ("--force-upcast-attention" in flags)

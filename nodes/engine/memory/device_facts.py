@@ -39,6 +39,12 @@ def mac_bf16(version: tuple[int, ...] | None) -> bool:
     return version is not None and version >= (14,)
 
 
+def mac_fp16_attention_fails(version: tuple[int, ...] | None) -> bool:
+    """Whether fp16 attention on MPS gives black images on this macOS: from macOS 14.5 on, where
+    ComfyUI upcasts it to fp32 (`force_upcast_attention_dtype`)."""
+    return version is not None and version >= (14, 5)
+
+
 def mac_version() -> tuple[int, ...] | None:
     try:
         return tuple(int(n) for n in platform.mac_ver()[0].split("."))
@@ -71,6 +77,9 @@ class DeviceFacts:
     positions_on_cpu: bool = False   # no float64 on the device: FLUX's position embedding runs on the CPU
     generator: bool = True           # torch.Generator exists for the device (not on DirectML)
     vae_sdpa: bool = True            # the VAE's attention through SDPA (off on AMD, as ComfyUI does)
+    #: fp16 attention must not run here (MPS on macOS 14.5+: black images; ComfyUI upcasts it to fp32,
+    #: and also under --force-upcast-attention): the transformer computes in bf16 instead of fp16.
+    fp16_attention_fails: bool = False
     # -- what the user (ComfyUI's flags) forced; None: decided from the facts above --
     unet_dtype: torch.dtype | None = None   # --bf16-unet, --fp8_e4m3fn-unet, --force-fp32 ...
     text_dtype: torch.dtype | None = None   # --fp16-text-enc ... (and ComfyUI's fp16 T5 on a Mac)
@@ -131,7 +140,7 @@ class DeviceFacts:
         if kind == "mps":
             host = _host_ram()
             return cls.of_kind(kind, str(device), host[1] if host else None, host[0] if host else None,
-                               mac_bf16(mac_version()))
+                               mac_bf16(mac_version()), fp16_attention_fails=mac_fp16_attention_fails(mac_version()))
         if kind == "xpu":
             total = int(torch.xpu.get_device_properties(device).total_memory)
             reserved = int(torch.xpu.memory_reserved(device))

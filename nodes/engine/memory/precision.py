@@ -86,7 +86,9 @@ def resolve_precision(precision: str, device: torch.device, stored: FileStorage 
     flags). Under "auto" a forced transformer dtype (`--bf16-unet`, `--fp8_e4m3fn-unet`,
     `--force-fp32` ...) wins over the file's; a forced text or VAE dtype replaces ours. Where the
     device cannot hold float8 tensors (MPS, DirectML) an fp8 file is upcast as it loads, and an
-    explicit 'fp8_e4m3fn' is refused."""
+    explicit 'fp8_e4m3fn' is refused. Where fp16 attention fails (`facts.fp16_attention_fails`:
+    MPS on macOS 14.5+, where it gives black images) and bf16 runs, the transformer computes in
+    bf16 instead of a forced fp16, and an explicit 'fp16' is refused."""
     if precision not in PRECISIONS:
         raise InputError(f"precision: '{precision}' is not one of {', '.join(PRECISIONS)}.")
     stored = stored or FileStorage()
@@ -120,8 +122,13 @@ def resolve_precision(precision: str, device: torch.device, stored: FileStorage 
         bf16_ok = True
     if precision == "fp32":
         return _forced(Precision(torch.float32, False, torch.float32, torch.float32, torch.float32), facts)
+    black_fp16 = facts is not None and facts.fp16_attention_fails and bf16_ok
+    if precision == "fp16" and black_fp16 and not forced:
+        raise InputError(f"precision: 'fp16' attention gives black images on {facts.kind} ({facts.device}; "
+                         "macOS 14.5 or newer), where ComfyUI computes it in fp32; choose precision 'auto' or "
+                         "'bf16' (bf16 runs here).")
     # fp8 storage computes in fp16 where bf16 is only emulated (upcasting fp8 to fp16 is exact too).
-    compute = torch.bfloat16 if bf16_ok and precision != "fp16" else torch.float16
+    compute = torch.bfloat16 if bf16_ok and (precision != "fp16" or black_fp16) else torch.float16
     text = torch.bfloat16 if compute == torch.bfloat16 else torch.float32
     if stored.t5 in FP8_KINDS and asked in ("auto", "fp8_e4m3fn") and fp8_ok:
         t5_storage = torch.float8_e4m3fn
