@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--device", help="cuda, cuda:1, mps, xpu, cpu (default: cuda, else mps, else xpu, else cpu)")
     models.add_argument("--plan", action="store_true", help="print what memory and precision 'auto' pick for "
                         "each file set on 8-80 GB cards and 16-64 GB hosts (the models at full size on meta "
-                        "tensors; nothing is loaded), then exit")
+                        "tensors; nothing is loaded), then exit; with --device mps: on 16-128 GB Macs")
 
     rem = p.add_argument_group("remote (fal / AIML; keys from FAL_KEY / AIML_API_KEY or USO_REMOTE_KEYS_FILE)")
     rem.add_argument("--provider", choices=("fal", "aiml"), help="generate on fal or AIML instead of locally")
@@ -280,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     _console_never_raises()
     args = build_parser().parse_args(argv)
     if args.plan:
-        print(memory_table.markdown(memory_table.plan_table()), end="")
+        if (args.device or "").startswith("mps"):
+            print(memory_table.mac_markdown(memory_table.mac_plan_table()), end="")
+        else:
+            print(memory_table.markdown(memory_table.plan_table()), end="")
         return 0
     problems = _check_flags(args)
     if problems:

@@ -115,6 +115,13 @@ def test_the_command_line_prints_the_plan_table(rows, capsys):
     assert capsys.readouterr().out == memory_table.markdown(rows)
 
 
+def test_the_command_line_prints_the_mac_table_for_mps(capsys):
+    from nodes.cli import command
+
+    assert command.main(["--plan", "--device", "mps"]) == 0
+    assert capsys.readouterr().out == memory_table.mac_markdown(memory_table.mac_plan_table())
+
+
 def test_the_plan_is_logged_when_the_models_load(caplog):
     from nodes.engine import EngineOptions, USOPipeline
     from nodes.engine.random_models import build_random_models
