@@ -18,7 +18,8 @@ from torch import nn
 from . import fp8, lora
 from .memory.device_facts import DeviceFacts
 from .memory.fit import fit_precision, try_precision
-from .memory.plan import _GIB, HostMemory, MemoryPlan, ModelSizes, plan_memory
+from .memory.host import HostMemory
+from .memory.plan import _GIB, MemoryPlan, ModelSizes, plan_memory
 from .memory.precision import FileStorage, Precision, resolve_precision
 
 CUDA_CONTEXT_BYTES = _GIB // 2

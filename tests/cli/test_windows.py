@@ -135,7 +135,7 @@ def test_tokenizer_message_names_the_desktop_location_and_the_option():
 def test_host_ram_known_without_proc_and_sysconf(monkeypatch):
     """Windows has neither /proc/meminfo nor os.sysconf: the pin budget is still bounded."""
     from nodes.engine import memory
-    from nodes.engine.memory import plan
+    from nodes.engine.memory import host as host_ram
 
     def no_proc(file, *a, **k):
         if str(file).startswith("/proc"):
@@ -144,8 +144,8 @@ def test_host_ram_known_without_proc_and_sysconf(monkeypatch):
 
     # The engine's own reads see no /proc and no sysconf (psutil keeps its own, as on Windows it
     # asks the Windows API).
-    monkeypatch.setattr(plan, "open", no_proc, raising=False)
-    monkeypatch.setattr(plan, "os", type("os_without_sysconf", (), {"path": os.path})())
+    monkeypatch.setattr(host_ram, "open", no_proc, raising=False)
+    monkeypatch.setattr(host_ram, "os", type("os_without_sysconf", (), {"path": os.path})())
     host = memory.host_memory()
     assert host is not None and 0 < host.available <= host.total
     import psutil

@@ -30,8 +30,9 @@ from __future__ import annotations
 from . import fit
 from .device_facts import DEVICE_KINDS, VRAM_STATES, DeviceFacts
 from .placement import OUT_OF_MEMORY, DeviceHooks, Placement, has_group_offload, is_out_of_memory
-from .plan import (ENCODER_PLACEMENTS, HOST_RESERVE_BYTES, MAX_PINNED_SHARE, MEMORY_MODES, HostMemory,
-                   MemoryPlan, ModelSizes, ModuleSize, free_memory, host_memory, module_bytes, pin_budget,
+from .host import HostMemory, host_memory
+from .plan import (ENCODER_PLACEMENTS, HOST_RESERVE_BYTES, MAX_PINNED_SHARE, MEMORY_MODES,
+                   MemoryPlan, ModelSizes, ModuleSize, free_memory, module_bytes, pin_budget,
                    pinned_block_bytes, pinned_bytes, plan_memory)
 from .precision import (FP8_KINDS, PRECISIONS, FileStorage, Precision, native_bf16, resolve_device,
                         resolve_precision)

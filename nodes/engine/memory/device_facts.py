@@ -9,11 +9,12 @@ builds the same record from comfy.model_management's decisions and its command-l
 """
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from .host import host_memory
 
 DEVICE_KINDS = ("cuda", "rocm", "mps", "xpu", "directml", "cpu")
 #: ComfyUI's memory states (`comfy.model_management.VRAMState`), lower-cased.
@@ -138,8 +139,8 @@ class DeviceFacts:
                 native = torch.cuda.get_device_capability(device)[0] >= 8
             return cls.of_kind(kind, str(device), int(total), int(free), native)
         if kind == "mps":
-            host = _host_ram()
-            return cls.of_kind(kind, str(device), host[1] if host else None, host[0] if host else None,
+            host = host_memory()
+            return cls.of_kind(kind, str(device), host.total if host else None, host.available if host else None,
                                mac_bf16(mac_version()), fp16_attention_fails=mac_fp16_attention_fails(mac_version()))
         if kind == "xpu":
             total = int(torch.xpu.get_device_properties(device).total_memory)
@@ -161,19 +162,3 @@ class DeviceFacts:
         else:
             base = self.total_bytes
         return None if base is None else max(0, base - self.reserve_bytes)
-
-
-def _host_ram() -> tuple[int, int] | None:
-    """(available, total) RAM where the OS tells (a Mac's unified RAM is its device memory)."""
-    try:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        return int(vm.available), int(vm.total)
-    except ImportError:
-        pass
-    try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
-    except (AttributeError, ValueError, OSError):
-        return None

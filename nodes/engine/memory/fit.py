@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from .device_facts import DeviceFacts
-from .plan import _GIB, HostMemory, MemoryPlan, ModelSizes, plan_memory
+from .host import HostMemory
+from .plan import _GIB, MemoryPlan, ModelSizes, plan_memory
 from .precision import Precision
 
 FP8 = torch.float8_e4m3fn

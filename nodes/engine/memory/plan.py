@@ -7,7 +7,6 @@ The same arithmetic serves a loaded pipeline (its real modules) and the full-siz
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from .device_facts import DeviceFacts
+from .host import HostMemory, host_memory
 
 MEMORY_MODES = ("auto", "gpu", "model_offload", "group_offload")
 #: Where the encoders (T5, CLIP-L, SigLIP + projector) live in "gpu" mode. The offload modes always
@@ -123,42 +123,6 @@ class ModelSizes:
     @property
     def total_bytes(self) -> int:
         return self.transformer.weights + self.vae.weights + self.encoder_bytes
-
-
-@dataclass(frozen=True)
-class HostMemory:
-    available: int     # MemAvailable: what can be allocated without swapping
-    total: int
-
-
-def host_memory() -> HostMemory | None:
-    """The host's RAM figures (torch has no API for them): psutil's, on every OS (Windows has neither
-    /proc/meminfo nor sysconf; ComfyUI ships psutil); without psutil, Linux's /proc/meminfo, else
-    sysconf; None where nothing answers (then pinning is not bounded by a figure we do not have)."""
-    try:
-        import psutil
-    except ImportError:
-        pass
-    else:
-        try:
-            vm = psutil.virtual_memory()
-            return HostMemory(int(vm.available), int(vm.total))
-        except (OSError, RuntimeError, AttributeError):
-            pass
-    try:
-        fields = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                fields[name] = int(rest.split()[0]) * 1024
-        return HostMemory(fields["MemAvailable"], fields["MemTotal"])
-    except (OSError, KeyError, ValueError, IndexError):
-        pass
-    try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        return HostMemory(os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page)
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def pin_budget(host: HostMemory | None) -> int | None:
