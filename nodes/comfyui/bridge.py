@@ -272,9 +272,9 @@ def device_facts():
         fp8_storage=bool(_mm.supports_cast(device, torch.float8_e4m3fn)),
         total_bytes=total, free_bytes=free, unified=kind == "mps",
         positions_on_cpu=kind in ("xpu", "directml"), generator=kind != "directml",
-        vae_sdpa=not _mm.is_amd(),
+        vae_sdpa=not _mm.is_amd(),   # pytorch_attention_enabled_vae: off on AMD (high-res crashes)
         # macOS 14.5+ or --force-upcast-attention: ComfyUI computes fp16 attention in fp32 there.
-        fp16_attention_fails=_mm.force_upcast_attention_dtype() is not None,   # pytorch_attention_enabled_vae: off on AMD (high-res crashes)
+        fp16_attention_fails=_mm.force_upcast_attention_dtype() is not None,
         unet_dtype=unet, text_dtype=text_dtype,
         text_device="cpu" if _mm.text_encoder_device().type == "cpu" else None,
         vae_dtype=vae_dtype, vae_device="cpu" if _mm.vae_device().type == "cpu" else None,
