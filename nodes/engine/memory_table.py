@@ -134,11 +134,15 @@ def plan_row(file_set: FileSet, card_gib: int, host_gib: int, sizes_of) -> PlanR
                            stored_transformer=file_set.stored.transformer)
     if chosen.plan is None and chosen.host_fits:   # nothing to choose: planned as loaded
         chosen = try_precision(chosen.precision, sizes_of(chosen.precision), free, simulated_host(host_gib))
-    if chosen.plan is None:
-        return PlanRow(file_set.name, card_gib, host_gib, None, PROCESS_BYTES + chosen.host_bytes,
-                       precision=chosen.precision, fit_note=chosen.note, stored_fp8=chosen.stored_fp8)
-    return PlanRow(file_set.name, card_gib, host_gib, chosen.plan, PROCESS_BYTES + chosen.plan.host_bytes,
+    # Not planned: the weights alone exceed the host RAM.
+    host_bytes = chosen.plan.host_bytes if chosen.plan is not None else chosen.host_bytes
+    return PlanRow(file_set.name, card_gib, host_gib, chosen.plan, PROCESS_BYTES + host_bytes,
                    precision=chosen.precision, fit_note=chosen.note, stored_fp8=chosen.stored_fp8)
+
+
+def _advice(lighter: list[str], larger: list[str]) -> str:
+    """For a row that does not fit: the first lighter file set and the first larger machine that do."""
+    return "fits: " + (", ".join(lighter[:1] + larger[:1]) or "nothing listed here")
 
 
 def plan_table(cards=CARDS_GIB, hosts=HOSTS_GIB, file_sets=FILE_SETS) -> list[PlanRow]:
@@ -158,10 +162,9 @@ def plan_table(cards=CARDS_GIB, hosts=HOSTS_GIB, file_sets=FILE_SETS) -> list[Pl
     out = []
     for (name, card, host), row in rows.items():
         if not row.fits:
-            others = [f"{fs.name}" for fs in file_sets if rows[(fs.name, card, host)].fits]
-            bigger = [f"a {h} GB host" for h in hosts if h > host and rows[(name, card, h)].fits]
-            advice = ", ".join(others[:1] + bigger[:1]) or "nothing listed here"
-            row = replace(row, advice=f"fits: {advice}")
+            row = replace(row, advice=_advice(
+                [fs.name for fs in file_sets if rows[(fs.name, card, host)].fits],
+                [f"a {h} GB host" for h in hosts if h > host and rows[(name, card, h)].fits]))
         out.append(row)
     return out
 
@@ -224,10 +227,9 @@ def mac_plan_table(macs=MACS_GIB, file_sets=FILE_SETS) -> list[PlanRow]:
     out = []
     for (name, ram), row in rows.items():
         if not row.fits:
-            others = [fs.name for fs in file_sets if rows[(fs.name, ram)].fits]
-            bigger = [f"a {m} GB Mac" for m in macs if m > ram and rows[(name, m)].fits]
-            advice = ", ".join(others[:1] + bigger[:1]) or "nothing listed here"
-            row = PlanRow(row.file_set, ram, ram, row.plan, row.host_peak_bytes, f"fits: {advice}")
+            row = replace(row, advice=_advice(
+                [fs.name for fs in file_sets if rows[(fs.name, ram)].fits],
+                [f"a {m} GB Mac" for m in macs if m > ram and rows[(name, m)].fits]))
         out.append(row)
     return out
 

@@ -68,6 +68,13 @@ def run_device(options: EngineOptions) -> torch.device:
     return memory.resolve_device(options.device)
 
 
+def _host_given_free_bytes(hooks: memory.DeviceHooks | None, device: torch.device) -> int | None:
+    """The device memory a host (ComfyUI) says we may use; None outside one, or on the CPU."""
+    if hooks and hooks.available_bytes and device.type != "cpu":
+        return hooks.available_bytes(device)
+    return None
+
+
 @dataclass(frozen=True)
 class StyleEncoding:
     """Style tokens, one (1, tokens, hidden) tensor per style image, in order."""
@@ -232,8 +239,7 @@ class USOPipeline:
             options.memory, options.encoders, self.device,
             memory.ModelSizes.of(self.transformer, self.vae, [m for m in encoders if m not in on_host],
                                  self._quantized()),
-            free_bytes=hooks.available_bytes(self.device)
-            if hooks and hooks.available_bytes and self.device.type != "cpu" else None, facts=self.facts)
+            free_bytes=_host_given_free_bytes(hooks, self.device), facts=self.facts)
         # Offloading is slower; the reason says whether fp8 or GGUF weights would avoid it.
         logging.getLogger("uso.engine").log(logging.INFO if self.memory_plan.mode == "gpu" else logging.WARNING,
                                             "memory plan: %s", self.memory_plan.summary())
@@ -251,7 +257,7 @@ class USOPipeline:
                    on_load_step: Callable[[str], None] | None = None,
                    hooks: memory.DeviceHooks | None = None) -> "USOPipeline":
         device, facts = run_device(options), device_facts(options)
-        free = hooks.available_bytes(device) if hooks and hooks.available_bytes and device.type != "cpu" else None
+        free = _host_given_free_bytes(hooks, device)
         chosen = fitted_precision(files, options.precision, device,
                                   free if free is not None else memory.free_memory(device),
                                   memory.host_memory(), options.encoders, facts=facts)

@@ -264,12 +264,12 @@ def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSize
     def smaller_weights_hint() -> str:
         if not on_gpu or sizes.quantized or device_peak("gpu", "offload", sizes) <= free:
             return ""
-        if not fp8_ok:
-            t = sizes.transformer
-            return (f"; {facts.kind} cannot hold fp8 weights: a Q8_0 / Q5 / Q4 GGUF transformer is about "
-                    f"{gib(t.weights * 0.52)} / {gib(t.weights * 0.35)} / {gib(t.weights * 0.29)}")
-        # fp8 storage keeps the embedders and norms in 16 bits: a little over half of bf16.
         t = sizes.transformer
+        gguf = (f"a Q8_0 / Q5 / Q4 GGUF transformer is about {gib(int(t.weights * 0.52))} / "
+                f"{gib(t.weights * 0.35)} / {gib(t.weights * 0.29)}")
+        if not fp8_ok:
+            return f"; {facts.kind} cannot hold fp8 weights: {gguf}"
+        # fp8 storage keeps the embedders and norms in 16 bits: a little over half of bf16.
         half = ModuleSize(int(t.weights * 0.52), int(t.pinned * 0.52), int(t.streamed * 0.52))
         smaller = ModelSizes(half, sizes.vae, sizes.encoders, True)
         if device_peak("gpu", "offload", smaller) <= free:
@@ -278,9 +278,7 @@ def plan_memory(mode: str, encoders: str, device: torch.device, sizes: ModelSize
             fit = "would fit with model offload (moved once per image, not every step)"
         else:
             fit = "would halve what streams every step"
-        return (f"; precision 'fp8_e4m3fn' (transformer about {gib(half.weights)}) {fit}, and a Q8_0 / Q5 / Q4 "
-                f"GGUF transformer is about {gib(half.weights)} / {gib(t.weights * 0.35)} / "
-                f"{gib(t.weights * 0.29)}")
+        return f"; precision 'fp8_e4m3fn' (transformer about {gib(half.weights)}) {fit}, and {gguf}"
 
     def planned(chosen: str, placed: str, reason: str, fits: bool = True) -> MemoryPlan:
         reason += note
