@@ -139,9 +139,9 @@ class DeviceFacts:
                 native = torch.cuda.get_device_capability(device)[0] >= 8
             return cls.of_kind(kind, str(device), int(total), int(free), native)
         if kind == "mps":
-            host = host_memory()
+            host, version = host_memory(), mac_version()
             return cls.of_kind(kind, str(device), host.total if host else None, host.available if host else None,
-                               mac_bf16(mac_version()), fp16_attention_fails=mac_fp16_attention_fails(mac_version()))
+                               mac_bf16(version), fp16_attention_fails=mac_fp16_attention_fails(version))
         if kind == "xpu":
             total = int(torch.xpu.get_device_properties(device).total_memory)
             reserved = int(torch.xpu.memory_reserved(device))
