@@ -12,6 +12,7 @@ import torch
 
 from nodes.comfyui import bridge
 from nodes.engine import memory
+from nodes.engine.errors import InputError
 
 GIB = 1024 ** 3
 
@@ -151,6 +152,8 @@ def test_where_comfyui_upcasts_fp16_attention_a_forced_fp16_computes_in_bf16(fac
     # macOS 14.5+ (ComfyUI's black-image rule) or --force-upcast-attention, with bf16 available.
     for f in (facts(device="mps", mac=(14, 5), force_fp16=True), facts(force_upcast_attention=True, force_fp16=True)):
         assert f.fp16_attention_fails and auto(f).compute == torch.bfloat16
+        with pytest.raises(InputError, match="^precision: 'fp16' attention gives black images"):
+            memory.resolve_precision("fp16", f.torch_device, facts=f)
     f = facts(device="mps", mac=(14, 4), force_fp16=True)
     assert not f.fp16_attention_fails and auto(f).compute == torch.float16
 

@@ -124,9 +124,9 @@ def resolve_precision(precision: str, device: torch.device, stored: FileStorage 
         return _forced(Precision(torch.float32, False, torch.float32, torch.float32, torch.float32), facts)
     black_fp16 = facts is not None and facts.fp16_attention_fails and bf16_ok
     if precision == "fp16" and black_fp16 and not forced:
-        raise InputError(f"precision: 'fp16' attention gives black images on {facts.kind} ({facts.device}; "
-                         "macOS 14.5 or newer), where ComfyUI computes it in fp32; choose precision 'auto' or "
-                         "'bf16' (bf16 runs here).")
+        raise InputError(f"precision: 'fp16' attention gives black images on {facts.kind} ({facts.device}), "
+                         "where ComfyUI computes it in fp32 (macOS 14.5 or newer, or --force-upcast-attention); "
+                         "choose precision 'auto' or 'bf16' (bf16 runs here).")
     # fp8 storage computes in fp16 where bf16 is only emulated (upcasting fp8 to fp16 is exact too).
     compute = torch.bfloat16 if bf16_ok and (precision != "fp16" or black_fp16) else torch.float16
     text = torch.bfloat16 if compute == torch.bfloat16 else torch.float32
